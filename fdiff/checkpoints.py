@@ -1,0 +1,181 @@
+"""Checkpoints as safetensors plus JSON metadata, and the manifest of committed checkpoints.
+
+A checkpoint file holds only tensors and a JSON string (the model's kind and config, training
+state counters): loading it never unpickles code. Committed checkpoints are listed in
+``data/checkpoints/manifest.json`` with their sha256, the command that produced them and how long
+it ran; :func:`load_pretrained` refuses a file whose hash does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_model",
+    "load_model",
+    "load_pretrained",
+    "register_checkpoint",
+    "read_manifest",
+    "checkpoint_dir",
+    "sha256_of",
+    "CheckpointError",
+]
+
+_META_KEY = "fdiff"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match its manifest entry."""
+
+
+def checkpoint_dir() -> Path:
+    """Return the folder of committed checkpoints: ``$FDIFF_CHECKPOINTS`` or ``<repo>/data/checkpoints``."""
+    env = os.environ.get("FDIFF_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+
+
+def sha256_of(path: str | Path) -> str:
+    """Return the hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
+    """Write tensors and JSON-serialisable metadata to ``path`` atomically.
+
+    The file is written next to its destination and renamed into place, so an interruption never
+    leaves a half-written checkpoint where a good one was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`; return (tensors, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is corrupt or not a safetensors checkpoint ({err}); delete it and retrain, "
+            f"or restore it from the repository"
+        ) from err
+    if raw is None:
+        raise CheckpointError(f"{path} has no fdiff metadata: it was not written by fdiff")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} has unreadable metadata ({err})") from err
+    return tensors, metadata
+
+
+def _model_kinds() -> dict:
+    # Imported lazily: models import this module's users, not the other way round.
+    from .unet import UNet
+
+    return {"unet": UNet}
+
+
+def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> Path:
+    """Save a model's weights with its kind and config, so :func:`load_model` can rebuild it."""
+    kinds = {cls: name for name, cls in _model_kinds().items()}
+    if type(model) not in kinds:
+        raise TypeError(f"cannot save a {type(model).__name__}: expected one of {sorted(kinds)}")
+    metadata = {"kind": kinds[type(model)], "config": model.config.to_dict(), **(extra or {})}
+    return save_checkpoint(path, model.state_dict(), metadata)
+
+
+def load_model(path: str | Path, expected_sha256: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model`; return (model in eval mode, metadata).
+
+    With ``expected_sha256`` the file's hash is checked first.
+    """
+    path = Path(path)
+    if expected_sha256 is not None and path.is_file():
+        actual = sha256_of(path)
+        if actual != expected_sha256:
+            raise CheckpointError(
+                f"{path} has sha256 {actual[:12]}..., but the manifest expects "
+                f"{expected_sha256[:12]}...: the file is corrupt or was replaced"
+            )
+    tensors, meta = load_checkpoint(path)
+    kinds = _model_kinds()
+    if meta.get("kind") not in kinds:
+        raise CheckpointError(f"{path} holds a model of unknown kind {meta.get('kind')!r}")
+    model = kinds[meta["kind"]].from_config(meta["config"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval(), meta
+
+
+def _manifest_path(directory: Path | None = None) -> Path:
+    return (directory or checkpoint_dir()) / "manifest.json"
+
+
+def read_manifest(directory: str | Path | None = None) -> dict:
+    """Return the manifest: ``{name: {file, sha256, command, duration_s, ...}}``."""
+    path = _manifest_path(Path(directory) if directory else None)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def register_checkpoint(name: str, path: str | Path, command: str, **info) -> dict:
+    """Add or replace the manifest entry of a checkpoint file in the same folder."""
+    path = Path(path)
+    manifest = read_manifest(path.parent)
+    entry = {"file": path.name, "sha256": sha256_of(path), "command": command, **info}
+    manifest[name] = entry
+    text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
+    _manifest_path(path.parent).write_text(text)
+    return entry
+
+
+def load_pretrained(name: str, directory: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """Load a committed checkpoint by manifest name, checking its sha256; return (model, metadata)."""
+    directory = Path(directory) if directory else checkpoint_dir()
+    manifest = read_manifest(directory)
+    if name not in manifest:
+        raise CheckpointError(
+            f"no checkpoint named {name!r} in {_manifest_path(directory)}; "
+            f"available: {sorted(manifest) or 'none'}"
+        )
+    entry = manifest[name]
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint file {path} is listed in the manifest but missing; "
+            f"recreate it with: {entry['command']}"
+        )
+    model, meta = load_model(path, expected_sha256=entry["sha256"])
+    return model, {**meta, "manifest": entry}
+
+
+def module_device(model: nn.Module) -> torch.device:
+    """Return the device of a model's first parameter."""
+    return next(model.parameters()).device

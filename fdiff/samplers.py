@@ -1,0 +1,226 @@
+"""Reverse processes: DDPM ancestral sampling, DDIM, and DDIM inversion.
+
+``sample`` is a generator that yields every step of the trajectory, so a chapter can draw the
+reverse process or stop early; ``generate`` runs it to the end. Randomness comes from
+``generator``: one ``torch.Generator`` for the whole batch, or a list of one generator per sample
+(see :func:`per_sample_generators`), which makes sample i independent of the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .schedules import NoiseSchedule
+
+__all__ = [
+    "Step",
+    "ddpm_step",
+    "ddim_step",
+    "ddim_timesteps",
+    "sample",
+    "generate",
+    "ddim_invert",
+    "per_sample_generators",
+    "randn",
+]
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+# eps_theta(x_t, t) -> eps; a U-Net, or a closure that adds a condition or guidance.
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Step:
+    """One step of a trajectory: the timestep, the current x_t and the model's x0 estimate."""
+
+    t: int
+    xt: Tensor
+    x0: Tensor
+
+
+def per_sample_generators(seed: int, n: int, device: str | torch.device = "cpu") -> list:
+    """Return ``n`` generators, the i-th seeded from (seed, i), so sample i never depends on n."""
+    gens = []
+    for i in range(n):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed * 1_000_003 + i)
+        gens.append(g)
+    return gens
+
+
+def randn(shape: Sequence[int], generator: Generator = None, device=None, dtype=None) -> Tensor:
+    """Draw N(0, I) of ``shape``; with a list of generators, row i comes from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.cat(
+        [torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator]
+    )
+
+
+def _full_t(value: int, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), value, dtype=torch.int64, device=like.device)
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    eps: Tensor,
+    t: Tensor,
+    xt: Tensor,
+    generator: Generator = None,
+    noise: Tensor | None = None,
+    clip_x0: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Take one ancestral step x_t -> x_{t-1} of DDPM (Ho et al., 2020, eqs. 6-7).
+
+    Uses the posterior q(x_{t-1} | x_t, x0_hat) with x0_hat from the predicted eps (clipped to
+    [-1, 1] if ``clip_x0``) and variance ``beta_tilde_t`` ("fixed small"); no noise is added at
+    t = 0. eps, xt: (B, C, H, W); t: int64 (B,). Returns (x_{t-1}, x0_hat).
+    """
+    x0 = schedule.eps_to_x0(xt, eps, t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    ab_t = schedule.alpha_bar_at(t, xt)
+    ab_prev = schedule.alpha_bar_at(t - 1, xt)
+    beta_t = 1 - ab_t / ab_prev
+    # Posterior mean: coefficients of x0_hat and x_t (eq. 7).
+    mean = (ab_prev.sqrt() * beta_t / (1 - ab_t)) * x0 + (
+        (1 - beta_t).sqrt() * (1 - ab_prev) / (1 - ab_t)
+    ) * xt
+    var = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)
+    if noise is None:
+        noise = randn(xt.shape, generator, device=xt.device, dtype=xt.dtype)
+    nonzero = (t > 0).to(xt.dtype).view(-1, 1, 1, 1)
+    return mean + nonzero * var.sqrt() * noise, x0
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    eps: Tensor,
+    t: Tensor,
+    t_prev: Tensor,
+    xt: Tensor,
+    eta: float = 0.0,
+    generator: Generator = None,
+    noise: Tensor | None = None,
+    clip_x0: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Take one DDIM step x_t -> x_{t_prev} (Song et al., 2021, eq. 12).
+
+    ``x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps + sigma z`` with
+    ``sigma = eta sqrt((1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev))``. eta = 0 is the
+    deterministic sampler, eta = 1 matches DDPM's variance. ``t_prev = -1`` means alpha_bar = 1.
+    eps, xt: (B, C, H, W); t, t_prev: int64 (B,). Returns (x_{t_prev}, x0_hat).
+    """
+    x0 = schedule.eps_to_x0(xt, eps, t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)  # the direction term below keeps the model's own eps
+    ab_t = schedule.alpha_bar_at(t, xt)
+    ab_prev = schedule.alpha_bar_at(t_prev, xt)
+    sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0:
+        if noise is None:
+            noise = randn(xt.shape, generator, device=xt.device, dtype=xt.dtype)
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """Return the DDIM timesteps, descending: ``k * (T // num_steps)`` for k = num_steps-1..0.
+
+    This is the "leading" spacing (diffusers' default); the last step lands on t = 0.
+    """
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    stride = num_timesteps // num_steps
+    return [k * stride for k in reversed(range(num_steps))]
+
+
+@torch.no_grad()
+def sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    method: str = "ddim",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    generator: Generator = None,
+    device: str | torch.device | None = None,
+    xT: Tensor | None = None,
+    clip_x0: bool = True,
+) -> Iterator[Step]:
+    """Run the reverse process from x_T ~ N(0, I), yielding a :class:`Step` after every step.
+
+    model: eps_theta(x_t, t). shape: (B, C, H, W). method: "ddpm" (all T steps) or "ddim"
+    (``num_steps`` steps, default 50). The last yielded ``xt`` is the sample, in about [-1, 1].
+    """
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
+    if device is None:
+        device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+    xt = randn(shape, generator, device=device) if xT is None else xT
+    T = schedule.num_timesteps
+    if method == "ddpm":
+        for t in reversed(range(T)):
+            tt = _full_t(t, xt)
+            eps = model(xt, tt).float()
+            xt, x0 = ddpm_step(schedule, eps, tt, xt, generator=generator, clip_x0=clip_x0)
+            yield Step(t, xt, x0)
+        return
+    steps = ddim_timesteps(T, num_steps or 50)
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        tt = _full_t(t, xt)
+        eps = model(xt, tt).float()
+        xt, x0 = ddim_step(
+            schedule, eps, tt, _full_t(t_prev, xt), xt, eta=eta, generator=generator,
+            clip_x0=clip_x0,
+        )
+        yield Step(t_prev, xt, x0)
+
+
+def generate(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], **kwargs) -> Tensor:
+    """Run :func:`sample` to the end and return the final x_0 (B, C, H, W), clamped to [-1, 1]."""
+    last = None
+    for last in sample(model, schedule, shape, **kwargs):
+        pass
+    return last.xt.clamp(-1, 1)
+
+
+@torch.no_grad()
+def ddim_invert(
+    model: Denoiser, schedule: NoiseSchedule, x0: Tensor, num_steps: int = 50,
+    t_end: int | None = None,
+) -> Iterator[Step]:
+    """Map a real image to noise with deterministic DDIM run backwards, yielding every step.
+
+    x0: (B, C, H, W) in [-1, 1]. From t_prev to the next larger t, with eps = eps_theta(x_{t_prev},
+    t_prev): ``x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps`` (Song et al., 2021; Mokady et al.,
+    2023). Stops at ``t_end`` (default: the last DDIM timestep). Running :func:`sample` with
+    ``method="ddim"``, the same ``num_steps``, eta = 0, ``clip_x0=False`` and ``xT`` = the last
+    ``xt`` approximately reconstructs x0.
+    """
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must have shape (B, C, H, W), got {tuple(x0.shape)}")
+    steps = list(reversed(ddim_timesteps(schedule.num_timesteps, num_steps)))  # ascending
+    if t_end is not None:
+        steps = [t for t in steps if t <= t_end]
+    xt = x0
+    t_prev = -1
+    for t in steps:
+        tp = _full_t(t_prev, xt)
+        ab_prev = schedule.alpha_bar_at(tp, xt)
+        ab_t = schedule.alpha_bar_at(_full_t(t, xt), xt)
+        # At t_prev = -1 x_t is the clean image; the model is queried at the nearest real t.
+        eps = model(xt, _full_t(max(t_prev, 0), xt)).float()
+        x0_hat = (xt - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt()
+        xt = ab_t.sqrt() * x0_hat + (1 - ab_t).sqrt() * eps
+        yield Step(t, xt, x0_hat)
+        t_prev = t

@@ -1,0 +1,295 @@
+"""The training loop: AdamW, EMA, gradient clipping, bf16 autocast, checkpoints, exact resume.
+
+Every random draw of step ``s`` (which images, which t, which noise) comes from a generator
+seeded by ``(seed, s)``. A run that is interrupted and resumed from its checkpoint therefore
+continues exactly as if it had never stopped: the checkpoint only needs the weights, the EMA,
+the optimizer state and the step counter.
+
+Command line (the committed checkpoints were made this way; see data/checkpoints/manifest.json)::
+
+    python -m fdiff.train --model unet --profile cpu --name ddpm_shapes32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoints import load_checkpoint, save_checkpoint
+from .schedules import NoiseSchedule
+
+__all__ = ["TrainConfig", "TrainResult", "train", "denoising_loss", "step_generator"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train`. Vary with ``dataclasses.replace``."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "auto"  # "auto": bf16 autocast (faster on CPUs and recent GPUs); "fp32"
+    checkpoint_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained and EMA models and the loss of every step."""
+
+    model: nn.Module
+    ema: nn.Module
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+    seconds: float = 0.0
+
+
+LossFn = Callable[[nn.Module, NoiseSchedule, Tensor, Tensor, Tensor], Tensor]
+
+
+def denoising_loss(
+    model: nn.Module, schedule: NoiseSchedule, x0: Tensor, t: Tensor, eps: Tensor
+) -> Tensor:
+    """Return the simple DDPM loss ``|| eps - eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t) ||^2``."""
+    xt = schedule.add_noise(x0, eps, t)
+    return F.mse_loss(model(xt, t).float(), eps)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Return the CPU generator that supplies every random draw of training step ``step``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def _draw_batch(dataset, batch_size: int, gen: torch.Generator) -> Tensor:
+    idx = torch.randint(len(dataset), (batch_size,), generator=gen).tolist()
+    if hasattr(dataset, "batch"):
+        items = dataset.batch(idx)
+        return items["image"] if isinstance(items, dict) else items
+    items = [dataset[i] for i in idx]
+    return torch.stack([it["image"] if isinstance(it, dict) else it for it in items])
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:
+    state = opt.state_dict()
+    tensors = {
+        f"optim.{pid}.{key}": value
+        for pid, per_param in state["state"].items()
+        for key, value in per_param.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list) -> None:
+    per_param: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            per_param.setdefault(int(pid), {})[key] = value
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def train(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    dataset,
+    config: TrainConfig,
+    checkpoint: str | Path | None = None,
+    loss_fn: LossFn = denoising_loss,
+    progress: bool = True,
+    callback: Callable[[int, TrainResult], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` images for ``config.steps`` steps; resume if possible.
+
+    dataset: items are dicts with "image" (C, H, W) in [-1, 1] (or a ``batch(indices)`` method).
+    checkpoint: path of the resume file. If it exists, training continues from it; it is
+    rewritten every ``config.checkpoint_every`` steps, at the end, and on KeyboardInterrupt.
+    callback(step, result) runs after every step (``step`` counts completed steps).
+    Returns a :class:`TrainResult`; the EMA model is the one to sample from.
+    """
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    result = TrainResult(model=model, ema=ema)
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        _resume(path, result, opt, config)
+    bf16 = _use_bf16(config.precision, device)
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
+
+    def save() -> None:
+        if path is None:
+            return
+        tensors = {**_prefixed("model", model.state_dict()), **_prefixed("ema", ema.state_dict())}
+        opt_tensors, groups = _optimizer_tensors(opt)
+        tensors.update(opt_tensors)
+        tensors["losses"] = torch.tensor(result.losses, dtype=torch.float32)
+        meta = {"step": result.step, "seconds": result.seconds, "train_config": asdict(config),
+                "param_groups": groups}
+        save_checkpoint(path, tensors, meta)
+
+    model.train()
+    bar = tqdm(total=config.steps, initial=result.step, disable=not progress, desc="training")
+    updating = False
+    try:
+        while result.step < config.steps:
+            t_start = time.perf_counter()
+            gen = step_generator(config.seed, result.step)
+            x0 = _draw_batch(dataset, config.batch_size, gen)
+            t = torch.randint(schedule.num_timesteps, (config.batch_size,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+            lr = config.lr * min(1.0, (result.step + 1) / max(1, config.warmup_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model, schedule, x0, t, eps)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {result.step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            updating = True  # an interruption from here on would leave a half-updated state
+            opt.step()
+            # EMA with a warm-up so that short runs still average over their later steps.
+            decay = min(config.ema_decay, (1 + result.step) / (10 + result.step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
+            result.step += 1
+            updating = False
+            result.losses.append(loss.item())
+            result.seconds += time.perf_counter() - t_start
+            bar.update(1)
+            if result.step % 10 == 0 or result.step == config.steps:
+                bar.set_postfix(loss=f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.4f}")
+            if result.step % config.checkpoint_every == 0 or result.step == config.steps:
+                save()
+            if callback is not None:
+                callback(result.step, result)
+    except KeyboardInterrupt:
+        if not updating:
+            save()
+            if path is not None:
+                bar.write(f"interrupted: saved step {result.step} to {path}; run again to resume")
+        raise
+    finally:
+        bar.close()
+        model.eval()
+    return result
+
+
+def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config: TrainConfig):
+    tensors, meta = load_checkpoint(path)
+    saved = meta.get("train_config", {})
+    for key in ("batch_size", "seed", "lr"):
+        if saved.get(key) != getattr(config, key):
+            raise ValueError(
+                f"{path} was trained with {key}={saved.get(key)!r}, not {getattr(config, key)!r}: "
+                f"resuming would not continue the same run; delete the file to start afresh"
+            )
+    result.model.load_state_dict(_unprefixed("model", tensors))
+    result.ema.load_state_dict(_unprefixed("ema", tensors))
+    _load_optimizer(opt, tensors, meta["param_groups"])
+    result.losses = tensors["losses"].tolist()
+    result.step = int(meta["step"])
+    result.seconds = float(meta["seconds"])
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def build_model(kind: str, profile) -> nn.Module:
+    """Return a freshly initialised model of ``kind`` sized by ``profile``."""
+    from .unet import UNet, UNetConfig
+
+    if kind == "unet":
+        return UNet(UNetConfig.from_profile(profile))
+    raise ValueError(f"unknown model kind {kind!r}: expected 'unet'")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train a model on the built-in data and publish its EMA weights to the manifest."""
+    from .checkpoints import checkpoint_dir, register_checkpoint, save_model
+    from .data import ShapesDataset
+    from .profiles import get_profile
+
+    parser = argparse.ArgumentParser(prog="python -m fdiff.train", description=main.__doc__)
+    parser.add_argument("--model", default="unet", choices=["unet"])
+    parser.add_argument("--profile", default=None, help="ci, cpu or gpu (default: $FDIFF_PROFILE)")
+    parser.add_argument("--name", required=True, help="manifest name of the checkpoint")
+    parser.add_argument("--steps", type=int, default=None, help="override the profile's steps")
+    parser.add_argument("--schedule", default="cosine", choices=["linear", "cosine"])
+    parser.add_argument("--out-dir", default=None, help="default: data/checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    profile = get_profile(args.profile)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.model, profile).to(device)
+    schedule = NoiseSchedule(args.schedule, profile.num_timesteps)
+    data = ShapesDataset(profile.num_train_images, profile.image_size, seed=args.seed)
+    config = TrainConfig(steps=args.steps or profile.train_steps, batch_size=profile.batch_size,
+                         lr=profile.learning_rate, seed=args.seed)
+    out_dir = Path(args.out_dir) if args.out_dir else checkpoint_dir()
+    resume = Path("runs") / f"{args.name}.resume.safetensors"
+    result = train(model, schedule, data, config, checkpoint=resume)
+    final = out_dir / f"{args.name}.safetensors"
+    tail = result.losses[-100:]
+    save_model(final, result.ema, extra={"schedule": schedule.config(), "profile": profile.name,
+                                         "steps": result.step})
+    entry = register_checkpoint(
+        args.name, final, command, duration_s=round(result.seconds, 1), steps=result.step,
+        profile=profile.name, schedule=schedule.config(), device=str(device),
+        final_loss=round(sum(tail) / len(tail), 5), torch=torch.__version__,
+    )
+    print(json.dumps({args.name: entry}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+import dataclasses
+
+import pytest
+import torch
+
+from fdiff.schedules import NoiseSchedule
+from fdiff.train import TrainConfig, denoising_loss, train
+from fdiff.unet import UNet, UNetConfig
+
+CFG = UNetConfig(base_channels=16, channel_mults=(1, 2), num_heads=2)
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n=8, size=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i]}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return UNet(CFG)
+
+
+def test_overfits_one_batch():
+    data = Images(n=4)
+    schedule = NoiseSchedule("linear", 100)
+    model = _model()
+    fixed = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 100, (4,), generator=fixed)
+    eps = torch.randn(4, 3, 8, 8, generator=fixed)
+    before = denoising_loss(model, schedule, data.x, t, eps).item()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = denoising_loss(model, schedule, data.x, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * before
+
+
+def test_training_reduces_the_loss_and_ema_moves():
+    cfg = TrainConfig(steps=60, batch_size=8, lr=2e-3, warmup_steps=5, precision="fp32")
+    model = _model()
+    init = [p.detach().clone() for p in model.parameters()]
+    res = train(model, NoiseSchedule("linear", 100), Images(16), cfg, progress=False)
+    assert len(res.losses) == 60 and res.step == 60
+    assert sum(res.losses[-10:]) < 0.7 * sum(res.losses[:10])
+    moved = [not torch.equal(a, b) for a, b in zip(init, res.ema.parameters())]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
+                      precision=precision)
+    schedule, data = NoiseSchedule("linear", 100), Images()
+    straight = train(_model(), schedule, data, cfg, progress=False)
+
+    def stop_at_3(step, result):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False, callback=stop_at_3)
+    # A fresh process would rebuild the model from scratch with another seed: resume must not care.
+    resumed = train(_model(seed=123), schedule, data, cfg, checkpoint=ckpt, progress=False)
+    assert resumed.step == 6 and resumed.losses == straight.losses
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=4, precision="fp32")
+    ckpt = tmp_path / "run.safetensors"
+    train(_model(), NoiseSchedule("linear", 100), Images(), cfg, checkpoint=ckpt, progress=False)
+    other = dataclasses.replace(cfg, steps=4, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(_model(), NoiseSchedule("linear", 100), Images(), other, checkpoint=ckpt,
+              progress=False)
+
+
+def test_same_seed_same_training():
+    cfg = TrainConfig(steps=3, batch_size=4, precision="fp32")
+    a = train(_model(), NoiseSchedule("linear", 100), Images(), cfg, progress=False)
+    b = train(_model(), NoiseSchedule("linear", 100), Images(), cfg, progress=False)
+    assert a.losses == b.losses
+    c = train(_model(), NoiseSchedule("linear", 100), Images(),
+              dataclasses.replace(cfg, seed=1), progress=False)
+    assert a.losses != c.losses
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(steps=1, batch_size=1, precision="fp16")
+    with pytest.raises(ValueError, match="steps and batch_size"):
+        TrainConfig(steps=0, batch_size=1)
