@@ -6,7 +6,7 @@ The public API, by concept (one module each):
 - :mod:`fdiff.schedules`: ``NoiseSchedule`` (forward process, eps/x0/v conversions)
 - :mod:`fdiff.unet`: ``UNet``, ``UNetConfig``
 - :mod:`fdiff.samplers`: ``sample``, ``generate``, ``ddpm_step``, ``ddim_step``, ``ddim_invert``
-- :mod:`fdiff.train`: ``train``, ``TrainConfig``
+- :mod:`fdiff.train`: ``train``, ``TrainConfig``, ``load_or_train``
 - :mod:`fdiff.checkpoints`: ``save_model``, ``load_model``, ``load_pretrained``
 - :mod:`fdiff.data`: ``ShapesDataset`` (built-in), ``load_dataset`` (real datasets)
 - :mod:`fdiff.viz`: figures and scrubbable animations
@@ -15,7 +15,7 @@ The public API, by concept (one module each):
 from .profiles import describe_profile, get_profile
 from .samplers import ddim_invert, ddim_step, ddpm_step, generate, sample
 from .schedules import NoiseSchedule
-from .train import TrainConfig, train
+from .train import TrainConfig, load_or_train
 from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
@@ -31,6 +31,6 @@ __all__ = [
     "describe_profile",
     "generate",
     "get_profile",
+    "load_or_train",
     "sample",
-    "train",
 ]

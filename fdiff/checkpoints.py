@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
@@ -39,7 +38,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir() -> Path:
-    """Return the folder of committed checkpoints: ``$FDIFF_CHECKPOINTS`` or ``<repo>/data/checkpoints``."""
+    """Return the committed checkpoints' folder: ``$FDIFF_CHECKPOINTS`` or ``data/checkpoints``."""
     env = os.environ.get("FDIFF_CHECKPOINTS")
     return Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 
@@ -157,7 +156,7 @@ def register_checkpoint(name: str, path: str | Path, command: str, **info) -> di
 
 
 def load_pretrained(name: str, directory: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """Load a committed checkpoint by manifest name, checking its sha256; return (model, metadata)."""
+    """Load a committed checkpoint by name, checking its sha256; return (model, metadata)."""
     directory = Path(directory) if directory else checkpoint_dir()
     manifest = read_manifest(directory)
     if name not in manifest:
@@ -174,8 +173,3 @@ def load_pretrained(name: str, directory: str | Path | None = None) -> tuple[nn.
         )
     model, meta = load_model(path, expected_sha256=entry["sha256"])
     return model, {**meta, "manifest": entry}
-
-
-def module_device(model: nn.Module) -> torch.device:
-    """Return the device of a model's first parameter."""
-    return next(model.parameters()).device

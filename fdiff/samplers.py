@@ -8,6 +8,7 @@ reverse process or stop early; ``generate`` runs it to the end. Randomness comes
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -180,7 +181,13 @@ def sample(
         tt = _full_t(t, xt)
         eps = model(xt, tt).float()
         xt, x0 = ddim_step(
-            schedule, eps, tt, _full_t(t_prev, xt), xt, eta=eta, generator=generator,
+            schedule,
+            eps,
+            tt,
+            _full_t(t_prev, xt),
+            xt,
+            eta=eta,
+            generator=generator,
             clip_x0=clip_x0,
         )
         yield Step(t_prev, xt, x0)
@@ -188,15 +195,16 @@ def sample(
 
 def generate(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], **kwargs) -> Tensor:
     """Run :func:`sample` to the end and return the final x_0 (B, C, H, W), clamped to [-1, 1]."""
-    last = None
-    for last in sample(model, schedule, shape, **kwargs):
-        pass
+    (last,) = deque(sample(model, schedule, shape, **kwargs), maxlen=1)  # keep only the end
     return last.xt.clamp(-1, 1)
 
 
 @torch.no_grad()
 def ddim_invert(
-    model: Denoiser, schedule: NoiseSchedule, x0: Tensor, num_steps: int = 50,
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    num_steps: int = 50,
     t_end: int | None = None,
 ) -> Iterator[Step]:
     """Map a real image to noise with deterministic DDIM run backwards, yielding every step.

@@ -105,7 +105,7 @@ class NoiseSchedule:
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Sample q(x_t | x_0): ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``.
 
-        x0, eps: (B, C, H, W), x0 in [-1, 1], eps ~ N(0, I). t: int64 (B,). Returns x_t (B, C, H, W).
+        x0, eps: (B, C, H, W), x0 in [-1, 1], eps ~ N(0, I). t: int64 (B,). Returns x_t, same shape.
         """
         if x0.shape != eps.shape:
             raise ValueError(f"x0 and eps must have the same shape, got {x0.shape} and {eps.shape}")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,10 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint, save_model
 from .schedules import NoiseSchedule
 
-__all__ = ["TrainConfig", "TrainResult", "train", "denoising_loss", "step_generator"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "denoising_loss",
+    "step_generator",
+    "load_or_train",
+    "Recipe",
+]
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+            raise ValueError(
+                f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not 0 <= self.ema_decay < 1:
@@ -73,7 +85,7 @@ LossFn = Callable[[nn.Module, NoiseSchedule, Tensor, Tensor, Tensor], Tensor]
 def denoising_loss(
     model: nn.Module, schedule: NoiseSchedule, x0: Tensor, t: Tensor, eps: Tensor
 ) -> Tensor:
-    """Return the simple DDPM loss ``|| eps - eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t) ||^2``."""
+    """Return the DDPM loss: MSE of eps and eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t)."""
     xt = schedule.add_noise(x0, eps, t)
     return F.mse_loss(model(xt, t).float(), eps)
 
@@ -167,8 +179,12 @@ def train(
         opt_tensors, groups = _optimizer_tensors(opt)
         tensors.update(opt_tensors)
         tensors["losses"] = torch.tensor(result.losses, dtype=torch.float32)
-        meta = {"step": result.step, "seconds": result.seconds, "train_config": asdict(config),
-                "param_groups": groups}
+        meta = {
+            "step": result.step,
+            "seconds": result.seconds,
+            "train_config": asdict(config),
+            "param_groups": groups,
+        }
         save_checkpoint(path, tensors, meta)
 
     model.train()
@@ -239,7 +255,7 @@ def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config:
     result.seconds = float(meta["seconds"])
 
 
-# -- command line -------------------------------------------------------------------------------
+# -- training a profile's model: the command line and the chapters' "load or train" ------------
 
 
 def build_model(kind: str, profile) -> nn.Module:
@@ -251,11 +267,97 @@ def build_model(kind: str, profile) -> nn.Module:
     raise ValueError(f"unknown model kind {kind!r}: expected 'unet'")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a trained model: what a checkpoint's name stands for."""
+
+    kind: str
+    profile: str
+    schedule: str = "cosine"
+    seed: int = 0
+    steps: int | None = None  # None: the profile's train_steps
+
+    def parts(self):
+        from .data import ShapesDataset
+        from .profiles import get_profile
+
+        profile = get_profile(self.profile)
+        torch.manual_seed(self.seed)
+        model = build_model(self.kind, profile)
+        schedule = NoiseSchedule(self.schedule, profile.num_timesteps)
+        data = ShapesDataset(profile.num_train_images, profile.image_size, seed=self.seed)
+        config = TrainConfig(
+            steps=self.steps or profile.train_steps,
+            batch_size=profile.batch_size,
+            lr=profile.learning_rate,
+            seed=self.seed,
+        )
+        return model, schedule, data, config
+
+    def digest(self) -> str:
+        """Return a short hash of the recipe and the resulting configs (names cache files)."""
+        model, schedule, data, config = self.parts()
+        blob = json.dumps(
+            [
+                asdict(self),
+                model.config.to_dict(),
+                schedule.config(),
+                asdict(config),
+                [len(data), data.image_size],
+            ],
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def run_recipe(recipe: Recipe, resume: Path, progress: bool = True):
+    """Train the recipe's model (resuming from ``resume`` if it exists); return what to save."""
+    model, schedule, data, config = recipe.parts()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = train(model.to(device), schedule, data, config, checkpoint=resume, progress=progress)
+    extra = {
+        "schedule": schedule.config(),
+        "profile": recipe.profile,
+        "steps": result.step,
+        "seconds": round(result.seconds, 1),
+        "device": str(device),
+        "losses": [round(v, 5) for v in result.losses],
+    }
+    return result.ema.cpu(), extra
+
+
+def cache_dir() -> Path:
+    """Return the folder for downloads and self-trained checkpoints (``$FDIFF_CACHE``)."""
+    env = os.environ.get("FDIFF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fdiff"
+
+
+def load_or_train(name: str, kind: str = "unet", profile=None, progress: bool = True):
+    """Return (model, metadata): the committed checkpoint ``name`` if it was trained for this
+    profile, else a cached self-trained one, else train it now (resumable) and cache it.
+
+    The cache file name includes a hash of the full recipe, so a stale file is never loaded.
+    On Colab, point ``FDIFF_CACHE`` at Google Drive to keep checkpoints across disconnects.
+    """
+    from .checkpoints import load_model, load_pretrained, read_manifest
+    from .profiles import get_profile
+
+    profile = profile or get_profile()
+    entry = read_manifest().get(name)
+    if entry is not None and entry.get("profile") == profile.name:
+        return load_pretrained(name)
+    recipe = Recipe(kind=kind, profile=profile.name)
+    path = cache_dir() / "checkpoints" / f"{name}-{profile.name}-{recipe.digest()}.safetensors"
+    if not path.exists():
+        ema, extra = run_recipe(recipe, path.with_suffix(".resume"), progress=progress)
+        save_model(path, ema, extra=extra)
+        path.with_suffix(".resume").unlink(missing_ok=True)
+    return load_model(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train a model on the built-in data and publish its EMA weights to the manifest."""
-    from .checkpoints import checkpoint_dir, register_checkpoint, save_model
-    from .data import ShapesDataset
-    from .profiles import get_profile
+    from .checkpoints import checkpoint_dir, register_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m fdiff.train", description=main.__doc__)
     parser.add_argument("--model", default="unet", choices=["unet"])
@@ -268,25 +370,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    profile = get_profile(args.profile)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(args.model, profile).to(device)
-    schedule = NoiseSchedule(args.schedule, profile.num_timesteps)
-    data = ShapesDataset(profile.num_train_images, profile.image_size, seed=args.seed)
-    config = TrainConfig(steps=args.steps or profile.train_steps, batch_size=profile.batch_size,
-                         lr=profile.learning_rate, seed=args.seed)
-    out_dir = Path(args.out_dir) if args.out_dir else checkpoint_dir()
+    from .profiles import get_profile
+
+    recipe = Recipe(
+        kind=args.model,
+        profile=get_profile(args.profile).name,
+        schedule=args.schedule,
+        seed=args.seed,
+        steps=args.steps,
+    )
     resume = Path("runs") / f"{args.name}.resume.safetensors"
-    result = train(model, schedule, data, config, checkpoint=resume)
-    final = out_dir / f"{args.name}.safetensors"
-    tail = result.losses[-100:]
-    save_model(final, result.ema, extra={"schedule": schedule.config(), "profile": profile.name,
-                                         "steps": result.step})
+    ema, extra = run_recipe(recipe, resume)
+    final = (Path(args.out_dir) if args.out_dir else checkpoint_dir()) / f"{args.name}.safetensors"
+    save_model(final, ema, extra=extra)
+    tail = extra["losses"][-100:]
     entry = register_checkpoint(
-        args.name, final, command, duration_s=round(result.seconds, 1), steps=result.step,
-        profile=profile.name, schedule=schedule.config(), device=str(device),
-        final_loss=round(sum(tail) / len(tail), 5), torch=torch.__version__,
+        args.name,
+        final,
+        command,
+        duration_s=extra["seconds"],
+        steps=extra["steps"],
+        profile=recipe.profile,
+        schedule=extra["schedule"],
+        device=extra["device"],
+        final_loss=round(sum(tail) / len(tail), 5),
+        torch=torch.__version__,
     )
     print(json.dumps({args.name: entry}, indent=2))
 

@@ -81,8 +81,12 @@ class UNetConfig:
     @classmethod
     def from_profile(cls, profile, **overrides) -> UNetConfig:
         """Return the config of the profile's U-Net (widths and depth), with ``overrides``."""
-        return cls(base_channels=profile.base_channels, channel_mults=profile.channel_mults,
-                   num_res_blocks=profile.num_res_blocks, **overrides)
+        return cls(
+            base_channels=profile.base_channels,
+            channel_mults=profile.channel_mults,
+            num_res_blocks=profile.num_res_blocks,
+            **overrides,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -233,8 +237,9 @@ class Decoder(nn.Module):
         for level in reversed(range(len(widths))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(Block(ch + skip_channels.pop(), widths[level], cfg,
-                                    level in cfg.attn_levels))
+                blocks.append(
+                    Block(ch + skip_channels.pop(), widths[level], cfg, level in cfg.attn_levels)
+                )
                 ch = widths[level]
             levels.append(DecoderLevel(blocks, Upsample(ch) if level > 0 else None))
         self.levels = nn.ModuleList(levels)
@@ -245,8 +250,11 @@ class Decoder(nn.Module):
     @property
     def block_names(self) -> list[str]:
         """Module names (relative to the decoder) of the blocks, in execution order."""
-        return [f"levels.{i}.blocks.{j}" for i, lv in enumerate(self.levels)
-                for j in range(len(lv.blocks))]
+        return [
+            f"levels.{i}.blocks.{j}"
+            for i, lv in enumerate(self.levels)
+            for j in range(len(lv.blocks))
+        ]
 
     def forward(
         self, h: Tensor, skips: list[Tensor], emb: Tensor, features: list[Tensor] | None = None
@@ -271,7 +279,9 @@ class TimeEmbedding(nn.Module):
         self.base = cfg.base_channels
         self.cond_dim = cfg.cond_dim
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.base_channels, cfg.emb_dim), nn.SiLU(), nn.Linear(cfg.emb_dim, cfg.emb_dim)
+            nn.Linear(cfg.base_channels, cfg.emb_dim),
+            nn.SiLU(),
+            nn.Linear(cfg.emb_dim, cfg.emb_dim),
         )
         self.cond_mlp = None
         if cfg.cond_dim:

@@ -103,3 +103,31 @@ def test_bad_train_config():
         TrainConfig(steps=1, batch_size=1, precision="fp16")
     with pytest.raises(ValueError, match="steps and batch_size"):
         TrainConfig(steps=0, batch_size=1)
+
+
+def test_load_or_train_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
+    from fdiff import train as train_module
+    from fdiff.profiles import get_profile
+
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
+    profile = get_profile("ci")
+    model, meta = train_module.load_or_train("unit_test_model", profile=profile, progress=False)
+    assert meta["steps"] == profile.train_steps and len(meta["losses"]) == profile.train_steps
+    assert model.config.base_channels == profile.base_channels
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a cached checkpoint should have been loaded")
+
+    monkeypatch.setattr(train_module, "run_recipe", must_not_train)
+    again, _ = train_module.load_or_train("unit_test_model", profile=profile)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert len(list((tmp_path / "checkpoints").glob("*.resume"))) == 0
+
+
+def test_recipe_digest_changes_with_the_recipe():
+    from fdiff.train import Recipe
+
+    assert Recipe("unet", "ci").digest() == Recipe("unet", "ci").digest()
+    assert Recipe("unet", "ci").digest() != Recipe("unet", "ci", steps=5).digest()
+    assert Recipe("unet", "ci").digest() != Recipe("unet", "ci", schedule="linear").digest()

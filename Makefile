@@ -1,0 +1,40 @@
+# The two commands of README.md: `make book` and `make test`. Both create the environment first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup book test unit notebooks book-ci benchmark clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The book: every chapter executed in the cpu profile on the built-in data -> _build/html
+book: setup
+	$(BIN)/python scripts/build_book.py --profile cpu
+
+# The tests: unit tests, every notebook under nbval (ci profile), a strict ci build of the book
+# and a check that its HTML holds each chapter's figures, animation and widget state.
+test: unit notebooks book-ci
+
+unit: setup
+	$(BIN)/python -m pytest tests -q
+
+notebooks: setup
+	FDIFF_PROFILE=ci $(BIN)/python -m pytest --nbval-lax -q chapters
+
+book-ci: setup
+	$(BIN)/python scripts/build_book.py --profile ci --strict
+	$(BIN)/python scripts/check_html.py _build/ci/_build/html
+
+benchmark: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,223 @@
+"""Figures, scrubbable animations and widgets.
+
+Two ways to let a reader scrub through a sequence of frames (a diffusion trajectory, a partition
+evolving over training): :func:`animate_frames` returns a JavaScript animation that works in the
+static HTML of the book, with no kernel; :func:`frame_slider` returns an ipywidgets slider for a
+live kernel. Chapters show both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import animation
+from torch import Tensor
+
+__all__ = [
+    "to_numpy_image",
+    "show_images",
+    "animate_frames",
+    "frame_slider",
+    "loss_curve",
+    "stack_trajectory",
+    "show_segmentations",
+    "glue",
+]
+
+
+def to_numpy_image(x: Tensor) -> np.ndarray:
+    """Convert an image (C, H, W) in [-1, 1] to a float array (H, W, C) in [0, 1] for imshow."""
+    if x.ndim != 3:
+        raise ValueError(f"expected an image of shape (C, H, W), got {tuple(x.shape)}")
+    img = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def _as_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(images, Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        return list(images)
+    return list(images)
+
+
+def show_images(
+    images: Tensor | Sequence[Tensor],
+    ncols: int = 8,
+    titles: Sequence[str] | None = None,
+    size: float = 1.2,
+    suptitle: str | None = None,
+) -> plt.Figure:
+    """Draw images (N, C, H, W) in [-1, 1] on a grid; return the figure."""
+    imgs = _as_list(images)
+    ncols = max(1, min(ncols, len(imgs)))
+    nrows = (len(imgs) + ncols - 1) // ncols
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size * ncols, size * nrows + 0.3 * bool(titles)), squeeze=False
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(imgs):
+            ax.imshow(to_numpy_image(imgs[i]), cmap="gray", interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _frame_grid(frame: Tensor | Sequence[Tensor], nrows: int = 1) -> np.ndarray:
+    """Lay a frame (N, C, H, W) out as ``nrows`` rows of images with 1-pixel white gutters."""
+    imgs = [to_numpy_image(x) for x in _as_list(frame)]
+    imgs = [np.repeat(i[..., None], 3, -1) if i.ndim == 2 else i for i in imgs]
+    if len(imgs) % nrows:
+        raise ValueError(f"cannot lay {len(imgs)} images out in {nrows} equal rows")
+    ncols = len(imgs) // nrows
+    h, w = imgs[0].shape[:2]
+    grid = np.ones((nrows * (h + 1) - 1, ncols * (w + 1) - 1, 3))
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, ncols)
+        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
+    return grid
+
+
+def animate_frames(
+    frames: Sequence[Tensor],
+    labels: Sequence[str] | None = None,
+    size: float = 1.6,
+    interval: int = 150,
+    nrows: int = 1,
+) -> str:
+    """Return a JavaScript animation (HTML with play and scrub controls) of image frames.
+
+    frames: a sequence of (N, C, H, W) tensors in [-1, 1], one per time point; each frame is shown
+    as ``nrows`` rows of images. labels: one title per frame. Display the result with
+    ``IPython.display.HTML``; it needs no kernel, so it keeps working in the static book.
+    """
+    if len(frames) == 0:
+        raise ValueError("animate_frames needs at least one frame")
+    if labels is not None and len(labels) != len(frames):
+        raise ValueError(f"got {len(labels)} labels for {len(frames)} frames")
+    grids = [_frame_grid(f, nrows) for f in frames]
+    h, w = grids[0].shape[:2]
+    fig, ax = plt.subplots(figsize=(size * w / h, size * nrows + 0.3))
+    ax.axis("off")
+    im = ax.imshow(grids[0], interpolation="nearest")
+    title = ax.set_title(labels[0] if labels else "", fontsize=9)
+
+    def update(i):
+        im.set_data(grids[i])
+        title.set_text(labels[i] if labels else "")
+        return im, title
+
+    anim = animation.FuncAnimation(fig, update, frames=len(grids), interval=interval, blit=False)
+    html = anim.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return html
+
+
+def frame_slider(
+    frames: Sequence[Tensor],
+    labels: Sequence[str] | None = None,
+    size: float = 1.6,
+    nrows: int = 1,
+):
+    """Return an ipywidgets view with a slider over ``frames`` (for a live kernel).
+
+    Same arguments as :func:`animate_frames`. In the static book the slider is a frozen snapshot;
+    use the animation there.
+    """
+    import ipywidgets as widgets
+
+    grids = [_frame_grid(f, nrows) for f in frames]
+    out = widgets.Output()
+    slider = widgets.IntSlider(
+        value=0, min=0, max=len(grids) - 1, description="frame", continuous_update=True
+    )
+
+    def draw(change=None):
+        i = slider.value
+        with out:
+            out.clear_output(wait=True)
+            h, w = grids[i].shape[:2]
+            fig, ax = plt.subplots(figsize=(size * w / h, size * nrows + 0.3))
+            ax.imshow(grids[i], interpolation="nearest")
+            ax.set_title(labels[i] if labels else f"frame {i}", fontsize=9)
+            ax.axis("off")
+            plt.show()
+
+    slider.observe(draw, names="value")
+    draw()
+    return widgets.VBox([slider, out])
+
+
+def loss_curve(losses: Sequence[float], window: int = 50, ax: plt.Axes | None = None) -> plt.Axes:
+    """Plot a training loss and its running mean over ``window`` steps; return the axes."""
+    ax = ax or plt.subplots(figsize=(5, 3))[1]
+    x = np.asarray(losses, dtype=float)
+    ax.plot(x, alpha=0.3, label="loss")
+    if len(x) >= window:
+        smooth = np.convolve(x, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window - 1, len(x)), smooth, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    return ax
+
+
+def show_segmentations(
+    images: Tensor,
+    labels: Tensor | Sequence[Tensor],
+    ncols: int = 8,
+    row_titles: Sequence[str] | None = None,
+    size: float = 1.2,
+) -> plt.Figure:
+    """Draw images (N, C, H, W) in [-1, 1] above one or more rows of label maps (N, H, W).
+
+    Label maps are integer images (a class, an instance or a region per pixel) shown with a
+    qualitative colour map; values below 0 (ignored pixels) are drawn grey.
+    """
+    label_rows = [labels] if isinstance(labels, Tensor) else list(labels)
+    n = min(len(images), ncols)
+    rows = 1 + len(label_rows)
+    fig, axes = plt.subplots(rows, n, figsize=(size * n, size * rows), squeeze=False)
+    vmax = max(int(lab.max()) for lab in label_rows)
+    for j in range(n):
+        axes[0, j].imshow(to_numpy_image(images[j]), interpolation="nearest")
+        for r, lab in enumerate(label_rows, start=1):
+            shown = np.ma.masked_less(lab[j].detach().cpu().numpy(), 0)
+            axes[r, j].imshow(
+                shown, cmap="tab10", vmin=0, vmax=max(vmax, 9), interpolation="nearest"
+            )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, title in enumerate(row_titles or []):
+        axes[r, 0].set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def glue(name: str, value, display: bool = False):
+    """Record a computed value for the book's prose (``{glue:text}`name```); return it.
+
+    Outside a Jupyter Book build (no myst-nb installed, e.g. on Colab) it only returns the value.
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    myst_glue(name, value, display=display)
+    return value
+
+
+def stack_trajectory(steps: Sequence, every: int = 1, key: str = "xt") -> list[Tensor]:
+    """Pick every ``every``-th frame of a sampler trajectory (always keeping the last)."""
+    picked = list(steps)[::every]
+    if (len(steps) - 1) % every:
+        picked.append(steps[-1])
+    return [getattr(s, key) for s in picked]
