@@ -92,9 +92,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 
 def _model_kinds() -> dict:
     # Imported lazily: models import this module's users, not the other way round.
+    from .factorized import FactorizedDenoiser
     from .unet import UNet
 
-    return {"unet": UNet}
+    return {"unet": UNet, "factorized": FactorizedDenoiser}
 
 
 def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> Path:

@@ -260,11 +260,14 @@ def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config:
 
 def build_model(kind: str, profile) -> nn.Module:
     """Return a freshly initialised model of ``kind`` sized by ``profile``."""
+    from .factorized import FactorizedConfig, FactorizedDenoiser
     from .unet import UNet, UNetConfig
 
     if kind == "unet":
         return UNet(UNetConfig.from_profile(profile))
-    raise ValueError(f"unknown model kind {kind!r}: expected 'unet'")
+    if kind == "factorized":
+        return FactorizedDenoiser(FactorizedConfig(UNetConfig.from_profile(profile)))
+    raise ValueError(f"unknown model kind {kind!r}: expected 'unet' or 'factorized'")
 
 
 @dataclass(frozen=True)
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     from .checkpoints import checkpoint_dir, register_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m fdiff.train", description=main.__doc__)
-    parser.add_argument("--model", default="unet", choices=["unet"])
+    parser.add_argument("--model", default="unet", choices=["unet", "factorized"])
     parser.add_argument("--profile", default=None, help="ci, cpu or gpu (default: $FDIFF_PROFILE)")
     parser.add_argument("--name", required=True, help="manifest name of the checkpoint")
     parser.add_argument("--steps", type=int, default=None, help="override the profile's steps")

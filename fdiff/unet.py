@@ -146,9 +146,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One U-Net stage: a residual block, optionally followed by self-attention."""
 
-    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, attention: bool):
+    def __init__(
+        self, in_ch: int, out_ch: int, cfg: UNetConfig, attention: bool, emb_dim: int | None = None
+    ):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, cfg.emb_dim, cfg.dropout, cfg.groups)
+        self.res = ResBlock(in_ch, out_ch, emb_dim or cfg.emb_dim, cfg.dropout, cfg.groups)
         self.attn = Attention(out_ch, cfg.num_heads, cfg.groups) if attention else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -228,7 +230,16 @@ class Decoder(nn.Module):
     (:attr:`block_names`) is what chapter 4 probes as "decoder block i".
     """
 
-    def __init__(self, cfg: UNetConfig, skip_channels: list[int], in_ch: int, out_channels: int):
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        skip_channels: list[int],
+        in_ch: int,
+        out_channels: int,
+        emb_dim: int | None = None,
+    ):
+        """Build the blocks at ``cfg``'s widths; ``emb_dim`` is the width of the time embedding
+        it receives (default ``cfg.emb_dim``; differs when it decodes another model's encoder)."""
         super().__init__()
         skip_channels = list(skip_channels)
         ch = in_ch
@@ -237,8 +248,9 @@ class Decoder(nn.Module):
         for level in reversed(range(len(widths))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
+                attention = level in cfg.attn_levels
                 blocks.append(
-                    Block(ch + skip_channels.pop(), widths[level], cfg, level in cfg.attn_levels)
+                    Block(ch + skip_channels.pop(), widths[level], cfg, attention, emb_dim)
                 )
                 ch = widths[level]
             levels.append(DecoderLevel(blocks, Upsample(ch) if level > 0 else None))

@@ -1,0 +1,176 @@
+"""The factorized denoiser of Yuan & Maire (NeurIPS 2024, arXiv 2309.15726).
+
+A U-Net whose output is forced to be a sum over K regions. The encoder and middle block are
+shared; a *mask generator* (a second decoder half fed by the middle features and every encoder
+skip) predicts K per-pixel logits, softmaxed into masks ``m_1..m_K`` that sum to 1; one
+*denoising decoder*, with weights shared by all regions, runs for every region at once (the
+regions are folded into the batch), each run seeing the encoder skips multiplied by its mask
+(average-pooled to each skip's resolution) and the unmasked middle features. The prediction is
+
+    eps = sum_k m_k * eps_k.
+
+Trained only with the denoising loss; the masks are an unsupervised segmentation.
+
+Variants exist only for the paper's ablations (chapter 3): ``mode="concat"`` gives the decoder
+the mask as extra input channels instead of multiplying, ``mode="mask_mid"`` also masks the middle
+features, ``shared_decoder=False`` uses one decoder per region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, check_input
+
+__all__ = ["FactorizedConfig", "FactorizedDenoiser", "segment"]
+
+MODES = ("multiply", "concat", "mask_mid")
+
+
+@dataclass(frozen=True)
+class FactorizedConfig:
+    """A factorized denoiser: the U-Net's widths, K, and the mask generator's width."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    num_regions: int = 2
+    mask_channels: int | None = None  # base width of the mask generator; None: half the U-Net's
+    mode: str = "multiply"
+    shared_decoder: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.unet, dict):
+            object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
+        if not isinstance(self.num_regions, int) or self.num_regions < 2:
+            raise ValueError(f"num_regions (K) must be an int >= 2, got {self.num_regions!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.mask_config()  # validates the mask generator's widths
+
+    def mask_config(self) -> UNetConfig:
+        """Return the mask generator's config: the U-Net's depth at ``mask_channels`` width."""
+        base = self.mask_channels or max(self.unet.groups, self.unet.base_channels // 2)
+        return dataclasses.replace(
+            self.unet, base_channels=base, attention_levels=(), out_channels=self.num_regions
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FactorizedConfig:
+        return cls(**{**d, "unet": UNetConfig.from_dict(d["unet"])})
+
+
+def _pool_mask(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Average-pool masks (N, 1, H, W) to ``size`` (the skips are 2^j times smaller)."""
+    factor = masks.shape[-1] // size[-1]
+    return masks if factor == 1 else F.avg_pool2d(masks, factor)
+
+
+class FactorizedDenoiser(nn.Module):
+    """eps_theta(x_t, t) = sum_k m_k(x_t, t) * eps_k(x_t, t), with shared-weight regions.
+
+    Example::
+
+        model = FactorizedDenoiser(FactorizedConfig(UNetConfig(base_channels=32), num_regions=2))
+        eps = model(xt, t)                             # (B, C, H, W), trains like a U-Net
+        eps, masks = model(xt, t, return_masks=True)   # masks (B, K, H, W), sum to 1 over K
+    """
+
+    def __init__(self, config: FactorizedConfig | None = None):
+        super().__init__()
+        cfg = config or FactorizedConfig()
+        self.config = cfg
+        ucfg = cfg.unet
+        self.time_embed = TimeEmbedding(ucfg)
+        self.encoder = Encoder(ucfg)
+        self.middle = Middle(ucfg, self.encoder.out_channels)
+        mid = self.encoder.out_channels
+        skips = self.encoder.skip_channels
+        self.mask_decoder = Decoder(cfg.mask_config(), skips, mid, cfg.num_regions, ucfg.emb_dim)
+        # "concat" appends the mask as `groups` identical channels: GroupNorm still divides.
+        self.extra = ucfg.groups if cfg.mode == "concat" else 0
+        dec_skips = [c + self.extra for c in skips]
+        out = ucfg.out_channels or ucfg.image_channels
+        n_decoders = 1 if cfg.shared_decoder else cfg.num_regions
+        self.decoders = nn.ModuleList(
+            [Decoder(ucfg, dec_skips, mid, out) for _ in range(n_decoders)]
+        )
+
+    def forward(
+        self, xt: Tensor, t: Tensor, cond: Tensor | None = None, return_masks: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Predict eps (B, C, H, W); with ``return_masks`` also the masks (B, K, H, W)."""
+        check_input(self.config.unet, xt, t)
+        emb = self.time_embed(t, cond)
+        skips = self.encoder(xt, emb)
+        h = self.middle(skips[-1], emb)
+        masks = self.mask_decoder(h, skips, emb).float().softmax(dim=1)
+        eps_k = self.decode_regions(h, skips, emb, masks.to(h.dtype))  # (B, K, C, H, W)
+        eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)
+        return (eps, masks) if return_masks else eps
+
+    def decode_regions(self, h: Tensor, skips: list[Tensor], emb: Tensor, masks: Tensor) -> Tensor:
+        """Run the denoising decoder once per region, all regions in one batch.
+
+        h: middle features (B, C_mid, h, w); skips: encoder features, finest first; emb (B, E);
+        masks (B, K, H, W). Returns eps_k (B, K, C, H, W).
+        """
+        b, k = masks.shape[:2]
+        flat = masks.reshape(b * k, 1, *masks.shape[-2:])
+        pooled = {}
+
+        def region_view(x: Tensor, mask: bool) -> Tensor:
+            # (B, C, ...) -> (B*K, C, ...): each image repeated once per region, masked if asked.
+            size = tuple(x.shape[-2:])
+            rep = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
+            if not mask:
+                return rep
+            if size not in pooled:
+                pooled[size] = _pool_mask(flat, size)
+            if self.extra:
+                return torch.cat([rep, pooled[size].expand(-1, self.extra, -1, -1)], dim=1)
+            return rep * pooled[size]
+
+        h_k = region_view(h, mask=self.config.mode == "mask_mid")
+        skips_k = [region_view(s, mask=True) for s in skips]
+        emb_k = region_view(emb, mask=False)
+        if len(self.decoders) == 1:
+            out = self.decoders[0](h_k, skips_k, emb_k)
+            return out.view(b, k, *out.shape[1:])
+        # Unshared decoders (an ablation): decoder j sees only region j's rows.
+        rows = [torch.arange(b, device=h.device) * k + j for j in range(k)]
+        outs = [
+            dec(h_k[r], [s[r] for s in skips_k], emb_k[r]) for dec, r in zip(self.decoders, rows)
+        ]
+        return torch.stack(outs, dim=1)
+
+    @classmethod
+    def from_config(cls, config: dict) -> FactorizedDenoiser:
+        return cls(FactorizedConfig.from_dict(config))
+
+
+@torch.no_grad()
+def segment(
+    model: FactorizedDenoiser,
+    schedule,
+    x0: Tensor,
+    t: int,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Segment real images: noise them to step ``t``, run one forward pass, return the masks.
+
+    x0: (B, C, H, W) in [-1, 1]; t: an int in [0, T). Returns soft masks (B, K, H, W); their
+    argmax over K is the segmentation. The paper uses a small t (about 30 of 1000).
+    """
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=x0.device)
+    _, masks = model(schedule.add_noise(x0, noise, tt), tt, return_masks=True)
+    return masks

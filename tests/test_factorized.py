@@ -1,0 +1,140 @@
+import dataclasses
+
+import pytest
+import torch
+
+from fdiff.checkpoints import load_model, save_model
+from fdiff.factorized import FactorizedConfig, FactorizedDenoiser, segment
+from fdiff.schedules import NoiseSchedule
+from fdiff.train import denoising_loss
+from fdiff.unet import UNetConfig, count_parameters
+
+UCFG = UNetConfig(base_channels=16, channel_mults=(1, 2), num_heads=2)
+
+
+def _model(k=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    return FactorizedDenoiser(FactorizedConfig(UCFG, num_regions=k, **kw))
+
+
+def _xt(b=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, size, size, generator=g), torch.randint(0, 100, (b,), generator=g)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_masks_are_a_partition_of_unity(k):
+    eps, masks = _model(k)(*_xt(), return_masks=True)
+    assert eps.shape == (2, 3, 8, 8) and masks.shape == (2, k, 8, 8)
+    assert (masks >= 0).all()
+    torch.testing.assert_close(masks.sum(1), torch.ones(2, 8, 8))
+
+
+def test_output_is_the_mask_weighted_sum_of_region_predictions():
+    model = _model(3)
+    xt, t = _xt()
+    emb = model.time_embed(t)
+    skips = model.encoder(xt, emb)
+    h = model.middle(skips[-1], emb)
+    masks = model.mask_decoder(h, skips, emb).softmax(1)
+    # Region k by hand: the shared decoder on skips multiplied by mask k, unmasked h_mid.
+    by_hand = []
+    for k in range(3):
+        m = masks[:, k : k + 1]
+        masked = [s * torch.nn.functional.adaptive_avg_pool2d(m, s.shape[-2:]) for s in skips]
+        by_hand.append(model.decoders[0](h, masked, emb))
+    expected = sum(masks[:, k : k + 1] * by_hand[k] for k in range(3))
+    torch.testing.assert_close(model(xt, t), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_count_does_not_grow_with_k():
+    def without_mask_head(m):
+        return count_parameters(m) - count_parameters(m.mask_decoder.conv_out)
+
+    counts = {k: without_mask_head(_model(k)) for k in (2, 3, 4)}
+    assert len(set(counts.values())) == 1, counts
+    unshared = _model(3, shared_decoder=False)
+    assert without_mask_head(unshared) > counts[3] + count_parameters(unshared.decoders[1]) - 1
+
+
+def test_gradients_reach_the_mask_generator_and_every_parameter():
+    model = _model(2)
+    xt, t = _xt()
+    model(xt, t).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    assert model.mask_decoder.conv_out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["concat", "mask_mid"])
+def test_ablation_variants_run_and_keep_the_contract(mode):
+    eps, masks = _model(2, mode=mode)(*_xt(), return_masks=True)
+    assert eps.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(masks.sum(1), torch.ones(2, 8, 8))
+
+
+def test_unshared_decoders_match_a_per_region_loop():
+    model = _model(2, shared_decoder=False)
+    xt, t = _xt()
+    eps = model(xt, t)
+    assert eps.shape == xt.shape
+    assert len(model.decoders) == 2
+
+
+def test_tiny_model_overfits_a_batch_and_its_masks_are_not_uniform():
+    # Two images whose halves differ: the model must learn to denoise them, masks must move.
+    torch.manual_seed(0)
+    x0 = -torch.ones(4, 3, 8, 8)
+    x0[:, :, :, 4:] = 1
+    x0[2:, 0] *= -1
+    schedule = NoiseSchedule("cosine", 100)
+    model = _model(2)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 100, (4,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    before = denoising_loss(model, schedule, x0, t, eps).item()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = denoising_loss(model, schedule, x0, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * before
+    _, masks = model(schedule.add_noise(x0, eps, t), t, return_masks=True)
+    assert masks.std() > 0.05  # not the uniform 1/K everywhere
+
+
+def test_segment_noises_then_reads_masks():
+    model = _model(2)
+    schedule = NoiseSchedule("cosine", 100)
+    x0 = torch.rand(3, 3, 8, 8) * 2 - 1
+    a = segment(model, schedule, x0, t=3, generator=torch.Generator().manual_seed(1))
+    b = segment(model, schedule, x0, t=3, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 2, 8, 8)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _model(3, mode="mask_mid", mask_channels=8)
+    path = save_model(tmp_path / "f.safetensors", model)
+    loaded, meta = load_model(path)
+    assert meta["kind"] == "factorized" and loaded.config == model.config
+    xt, t = _xt()
+    torch.testing.assert_close(loaded(xt, t), model(xt, t), rtol=0, atol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_regions"):
+        FactorizedConfig(UCFG, num_regions=1)
+    with pytest.raises(ValueError, match="num_regions"):
+        FactorizedConfig(UCFG, num_regions=2.0)
+    with pytest.raises(ValueError, match="mode"):
+        FactorizedConfig(UCFG, mode="add")
+    with pytest.raises(ValueError, match="divisible by groups"):
+        FactorizedConfig(UCFG, mask_channels=12)
+    model = _model(2)
+    with pytest.raises(ValueError, match="not divisible"):
+        model(torch.randn(1, 3, 7, 7), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(1, 1, 8, 8), torch.tensor([1]))
+    assert dataclasses.replace(model.config, num_regions=3).num_regions == 3
