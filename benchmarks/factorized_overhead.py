@@ -15,12 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Imported first: it sets OMP_WAIT_POLICY before torch loads (see its comment).
+from train_throughput import (  # isort: skip
+    autocast,
+    interleaved,
+    make_inputs,
+    make_train_step,
+    summarize,
+)
+
 import torch  # noqa: E402  (after the OpenMP policy)
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-# Imported first: it sets OMP_WAIT_POLICY before torch loads (see its comment).
-from train_throughput import autocast, interleaved, make_inputs, make_train_step, summarize
 
 from fdiff.factorized import FactorizedConfig, FactorizedDenoiser  # noqa: E402
 from fdiff.profiles import get_profile  # noqa: E402
