@@ -1,0 +1,151 @@
+"""Segmentation metrics for unsupervised masks, whose region ids carry no meaning.
+
+Foreground/background: the predicted region that best matches the true foreground is taken as
+foreground (``foreground_scores``). Multi-region: predicted regions are matched to classes by the
+Hungarian algorithm on IoU (``hungarian_miou``). Object-centric: adjusted Rand index over the
+foreground pixels (``fg_ari``). Collapse of a factorized model: ``mask_stats`` (entropy and area
+balance of soft masks).
+
+Inputs are integer label maps: ``pred`` (B, H, W) with values in [0, K), ``target`` (B, H, W)
+with values in [0, C) and -1 for pixels to ignore.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+__all__ = [
+    "confusion",
+    "foreground_scores",
+    "hungarian_miou",
+    "adjusted_rand_index",
+    "fg_ari",
+    "mask_stats",
+]
+
+
+def _check_labels(pred: Tensor, target: Tensor) -> None:
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(
+            f"pred and target must be label maps of the same shape (B, H, W), got "
+            f"{tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    if pred.is_floating_point() or target.is_floating_point():
+        raise TypeError("pred and target must be integer label maps (use masks.argmax(1))")
+    if pred.numel() and int(pred.min()) < 0:
+        raise ValueError("pred must have labels >= 0")
+
+
+def confusion(pred: Tensor, target: Tensor, num_pred: int, num_target: int) -> Tensor:
+    """Count pixels per (predicted region, target class), ignoring target -1; (K, C) int64."""
+    valid = target >= 0
+    idx = pred[valid].long() * num_target + target[valid].long()
+    return torch.bincount(idx, minlength=num_pred * num_target).view(num_pred, num_target)
+
+
+def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict[str, float]:
+    """Score a K-region prediction against a binary foreground mask.
+
+    The foreground is the predicted region with the highest IoU against the true foreground,
+    chosen once over the whole set (``per_image=False``: a fixed model's region) or for every
+    image (``per_image=True``: an upper bound, averaged over images). pred (B, H, W) in [0, K);
+    fg (B, H, W) in {0, 1}, -1 ignored. Returns pixel accuracy, IoU and DICE of the foreground,
+    and (over the whole set) the region chosen.
+    """
+    _check_labels(pred, fg)
+    k = int(pred.max()) + 1 if pred.numel() else 1
+    if per_image:
+        rows = [foreground_scores(p[None], f[None]) for p, f in zip(pred, fg)]
+        return {key: float(np.mean([r[key] for r in rows])) for key in ("accuracy", "iou", "dice")}
+    conf = confusion(pred, fg.clamp(max=1), k, 2).double()  # (K, 2): [region, bg/fg]
+    tp = conf[:, 1]
+    fp = conf[:, 0]
+    fn = conf[:, 1].sum() - tp
+    iou = tp / (tp + fp + fn).clamp(min=1)
+    best = int(iou.argmax())
+    total = conf.sum().clamp(min=1)
+    acc = (tp[best] + (conf[:, 0].sum() - fp[best])) / total
+    dice = 2 * tp[best] / (2 * tp[best] + fp[best] + fn[best]).clamp(min=1)
+    return {"accuracy": float(acc), "iou": float(iou[best]), "dice": float(dice), "region": best}
+
+
+def hungarian_miou(pred: Tensor, target: Tensor, num_classes: int | None = None) -> float:
+    """Mean IoU over target classes after a one-to-one Hungarian matching of regions to classes.
+
+    Classes left unmatched (more classes than regions) score 0. pred (B, H, W) in [0, K);
+    target (B, H, W) in [0, C), -1 ignored.
+    """
+    _check_labels(pred, target)
+    k = int(pred.max()) + 1 if pred.numel() else 1
+    c = num_classes or (int(target.max()) + 1)
+    conf = confusion(pred, target, k, c).double()
+    inter = conf
+    union = conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf
+    iou = (inter / union.clamp(min=1)).numpy()
+    rows, cols = linear_sum_assignment(-iou)
+    present = conf.sum(0) > 0
+    matched = np.zeros(c)
+    matched[cols] = iou[rows, cols]
+    return float(matched[present.numpy()].mean()) if present.any() else float("nan")
+
+
+def adjusted_rand_index(a: Tensor, b: Tensor) -> float:
+    """Return the adjusted Rand index of two flat labelings (Hubert & Arabie, 1985)."""
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"expected two flat labelings of equal length, got {a.shape}, {b.shape}")
+    n = a.numel()
+    if n < 2:
+        return 1.0
+    _, ai = torch.unique(a, return_inverse=True)
+    _, bi = torch.unique(b, return_inverse=True)
+    table = confusion(ai[None], bi[None], int(ai.max()) + 1, int(bi.max()) + 1).double()
+
+    def pairs(x: Tensor) -> float:
+        return float((x * (x - 1) / 2).sum())
+
+    index = pairs(table)
+    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / (n * (n - 1) / 2)
+    maximum = (rows + cols) / 2
+    if math.isclose(maximum, expected):
+        return 1.0
+    return (index - expected) / (maximum - expected)
+
+
+def fg_ari(pred: Tensor, instances: Tensor) -> float:
+    """Mean over images of the ARI between predicted regions and true instances, on foreground
+    pixels only (instances > 0), as in object-centric learning. pred, instances: (B, H, W)."""
+    _check_labels(pred, instances)
+    scores = []
+    for p, inst in zip(pred, instances):
+        fg = inst > 0
+        if int(fg.sum()) >= 2:
+            scores.append(adjusted_rand_index(p[fg], inst[fg]))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def mask_stats(masks: Tensor) -> dict[str, float]:
+    """Measure how decided and how balanced soft masks (B, K, H, W) are.
+
+    Returns the mean per-pixel entropy (0: hard masks; log K: uniform), its ratio to log K, the
+    area fraction of each region (argmax), and ``largest_area``: the biggest region's mean share
+    of an image. A collapsed model has one region near 1 (or entropy near log K: no decision).
+    """
+    if masks.ndim != 4:
+        raise ValueError(f"masks must have shape (B, K, H, W), got {tuple(masks.shape)}")
+    k = masks.shape[1]
+    p = masks.float().clamp(min=1e-12)
+    entropy = float(-(p * p.log()).sum(1).mean())
+    hard = masks.argmax(1)
+    areas = torch.stack([(hard == j).float().mean((1, 2)) for j in range(k)], 1)  # (B, K)
+    return {
+        "entropy": entropy,
+        "entropy_ratio": entropy / math.log(k),
+        "areas": [float(a) for a in areas.mean(0)],
+        "largest_area": float(areas.max(1).values.mean()),
+    }

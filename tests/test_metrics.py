@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from fdiff.metrics import (
+    adjusted_rand_index,
+    fg_ari,
+    foreground_scores,
+    hungarian_miou,
+    mask_stats,
+)
+
+
+def _labels(seed, k, shape=(3, 8, 8)):
+    return torch.randint(0, k, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_foreground_scores_by_hand():
+    fg = torch.tensor([[[1, 1, 0, 0]]])
+    pred = torch.tensor([[[0, 1, 1, 1]]])  # region 1 covers fg pixel 2 and two bg pixels
+    s = foreground_scores(pred, fg)
+    # region 0: IoU 1/2; region 1: IoU 1/4 -> region 0 is foreground
+    assert s["region"] == 0
+    assert math.isclose(s["iou"], 0.5)
+    assert math.isclose(s["accuracy"], 3 / 4)
+    assert math.isclose(s["dice"], 2 / 3)
+
+
+def test_perfect_and_permuted_predictions():
+    fg = _labels(0, 2)
+    for pred in (fg, 1 - fg):  # region ids carry no meaning
+        s = foreground_scores(pred, fg)
+        assert s["iou"] == 1.0 and s["accuracy"] == 1.0 and s["dice"] == 1.0
+    assert foreground_scores(fg, fg, per_image=True)["iou"] == 1.0
+
+
+def test_ignored_pixels_do_not_count():
+    fg = torch.tensor([[[1, 0, -1, -1]]])
+    pred = torch.tensor([[[1, 0, 0, 1]]])
+    assert foreground_scores(pred, fg)["iou"] == 1.0
+
+
+def test_hungarian_miou_is_permutation_invariant_and_exact():
+    target = _labels(1, 4)
+    perm = torch.tensor([2, 0, 3, 1])
+    assert hungarian_miou(perm[target], target) == pytest.approx(1.0)
+    pred = _labels(2, 4)
+    assert hungarian_miou(perm[pred], target) == pytest.approx(hungarian_miou(pred, target))
+    # Fewer regions than classes: the unmatched class scores 0.
+    merged = target.clamp(max=2)
+    n2, n3 = int((target == 2).sum()), int((target == 3).sum())
+    expected = (1 + 1 + max(n2, n3) / (n2 + n3) + 0) / 4
+    assert hungarian_miou(merged, target) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ari_matches_scikit_learn(seed):
+    a, b = _labels(seed, 3, (200,)), _labels(seed + 10, 4, (200,))
+    assert adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a.numpy(), b.numpy()))
+    assert adjusted_rand_index(a, (a + 1) % 3) == pytest.approx(1.0)
+
+
+def test_fg_ari_ignores_background():
+    inst = torch.tensor([[[0, 0, 1, 1, 2, 2]]])
+    pred = torch.tensor([[[5, 3, 0, 0, 1, 1]]])  # background labels differ: must not matter
+    assert fg_ari(pred, inst) == pytest.approx(1.0)
+    assert fg_ari(pred.clamp(max=0), inst) == pytest.approx(0.0)
+
+
+def test_mask_stats_detects_collapse_and_uniform_masks():
+    uniform = torch.full((2, 3, 4, 4), 1 / 3)
+    s = mask_stats(uniform)
+    assert s["entropy_ratio"] == pytest.approx(1.0)
+    collapsed = torch.zeros(2, 3, 4, 4)
+    collapsed[:, 0] = 1
+    c = mask_stats(collapsed)
+    assert c["largest_area"] == 1.0 and c["entropy"] == pytest.approx(0.0, abs=1e-6)
+    half = torch.zeros(2, 2, 4, 4)
+    half[:, 0, :, :2] = 1
+    half[:, 1, :, 2:] = 1
+    assert mask_stats(half)["areas"] == [0.5, 0.5]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="same shape"):
+        foreground_scores(
+            torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 5, dtype=torch.long)
+        )
+    with pytest.raises(TypeError, match="argmax"):
+        hungarian_miou(torch.rand(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
+        mask_stats(torch.rand(4, 4, 4))
