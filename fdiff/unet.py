@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["UNetConfig", "UNet", "Encoder", "Middle", "Decoder", "timestep_embedding"]
 
@@ -137,10 +138,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # The 1x1 convolutions are applied as matrix products on tokens (B, HW, C): the same
+        # weights, but q, k, v come out with a contiguous last dimension, which lets
+        # scaled_dot_product_attention pick a fused kernel.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.view(3 * c, c), self.qkv.bias)
+        q, k, v = qkv.view(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # On CPUs the fused bf16 kernel was measured 2-4x slower than the plain one.
+            with sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+        out = F.linear(
+            out.transpose(1, 2).reshape(b, h * w, c), self.proj.weight.view(c, c), self.proj.bias
+        )
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Block(nn.Module):
