@@ -9,6 +9,8 @@ The public API, by concept (one module each):
 - :mod:`fdiff.train`: ``train``, ``TrainConfig``, ``load_or_train``
 - :mod:`fdiff.checkpoints`: ``save_model``, ``load_model``, ``load_pretrained``
 - :mod:`fdiff.data`: ``ShapesDataset`` (built-in), ``load_dataset`` (real datasets)
+- :mod:`fdiff.factorized`: ``FactorizedDenoiser``, ``FactorizedConfig``, ``segment``
+- :mod:`fdiff.metrics`: ``foreground_scores``, ``hungarian_miou``, ``fg_ari``, ``mask_stats``
 - :mod:`fdiff.viz`: figures and scrubbable animations
 """
 
