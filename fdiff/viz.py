@@ -21,7 +21,6 @@ __all__ = [
     "animate_frames",
     "frame_slider",
     "loss_curve",
-    "stack_trajectory",
     "show_segmentations",
     "glue",
 ]
@@ -213,11 +212,3 @@ def glue(name: str, value, display: bool = False):
         return value
     myst_glue(name, value, display=display)
     return value
-
-
-def stack_trajectory(steps: Sequence, every: int = 1, key: str = "xt") -> list[Tensor]:
-    """Pick every ``every``-th frame of a sampler trajectory (always keeping the last)."""
-    picked = list(steps)[::every]
-    if (len(steps) - 1) % every:
-        picked.append(steps[-1])
-    return [getattr(s, key) for s in picked]

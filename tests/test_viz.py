@@ -1,0 +1,54 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fdiff.viz import (  # noqa: E402
+    _frame_grid,
+    animate_frames,
+    frame_slider,
+    glue,
+    show_images,
+    show_segmentations,
+    to_numpy_image,
+)
+
+
+def test_to_numpy_image_maps_range_and_layout():
+    x = torch.stack([torch.full((2, 3), -1.0), torch.zeros(2, 3), torch.ones(2, 3)])
+    img = to_numpy_image(x)
+    assert img.shape == (2, 3, 3)
+    assert img[..., 0].max() == 0 and img[..., 1].min() == 0.5 and img[..., 2].min() == 1
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        to_numpy_image(torch.zeros(1, 3, 2, 2))
+
+
+def test_frame_grid_lays_out_rows_with_gutters():
+    frame = torch.zeros(6, 3, 4, 4)
+    assert _frame_grid(frame, nrows=2).shape == (2 * 5 - 1, 3 * 5 - 1, 3)
+    with pytest.raises(ValueError, match="equal rows"):
+        _frame_grid(frame, nrows=4)
+
+
+def test_animation_is_scrubbable_html():
+    frames = [torch.rand(2, 3, 4, 4) * 2 - 1 for _ in range(3)]
+    html = animate_frames(frames, labels=["a", "b", "c"])
+    assert 'class="animation"' in html and html.count("data:image/png") >= 3
+    with pytest.raises(ValueError, match="labels"):
+        animate_frames(frames, labels=["a"])
+    with pytest.raises(ValueError, match="at least one frame"):
+        animate_frames([])
+
+
+def test_widgets_and_figures_build():
+    frames = [torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)]
+    view = frame_slider(frames, nrows=2)
+    assert view.children[0].max == 1
+    fig = show_images(torch.zeros(5, 3, 4, 4), ncols=3, titles=list("abcde"))
+    assert len(fig.axes) == 6
+    labels = torch.randint(-1, 3, (4, 4, 4))
+    fig = show_segmentations(torch.zeros(4, 3, 4, 4), [labels, labels], row_titles=["x", "y", "z"])
+    assert len(fig.axes) == 12
+    assert glue("unit_test_value", 3) == 3
