@@ -7,7 +7,9 @@ the optimizer state and the step counter.
 
 Command line (the committed checkpoints were made this way; see data/checkpoints/manifest.json)::
 
-    python -m fdiff.train --model unet --profile cpu --name ddpm_shapes32
+    python -m fdiff.train --model unet --profile cpu --name ddpm_shapes --precision bf16
+
+Interrupted, the same command resumes from ``$FDIFF_CACHE/runs/<name>.resume.safetensors``.
 """
 
 from __future__ import annotations
@@ -386,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         precision=args.precision,
     )
-    resume = Path("runs") / f"{args.name}.resume.safetensors"
+    # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
+    resume = cache_dir() / "runs" / f"{args.name}.resume.safetensors"
     ema, extra = run_recipe(recipe, resume)
     final = (Path(args.out_dir) if args.out_dir else checkpoint_dir()) / f"{args.name}.safetensors"
     save_model(final, ema, extra=extra)
