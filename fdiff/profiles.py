@@ -116,8 +116,3 @@ def describe_profile(profile: Profile | None = None) -> str:
         if f.name in ("image_size", "train_steps", "batch_size")
     )
     return f"fdiff profile: {profile.name} ({fields}); device: {device}; torch {torch.__version__}"
-
-
-def default_device() -> torch.device:
-    """Return CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

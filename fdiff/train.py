@@ -243,7 +243,7 @@ def train(
 def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config: TrainConfig):
     tensors, meta = load_checkpoint(path)
     saved = meta.get("train_config", {})
-    for key in ("batch_size", "seed", "lr"):
+    for key in ("batch_size", "seed", "lr", "precision"):
         if saved.get(key) != getattr(config, key):
             raise ValueError(
                 f"{path} was trained with {key}={saved.get(key)!r}, not {getattr(config, key)!r}: "

@@ -83,6 +83,27 @@ def _frame_grid(frame: Tensor | Sequence[Tensor], nrows: int = 1) -> np.ndarray:
     return grid
 
 
+def _frame_grids(
+    frames: Sequence[Tensor], labels: Sequence[str] | None, nrows: int
+) -> tuple[list[np.ndarray], list[str]]:
+    """Check frames and labels; return one laid-out image per frame and one title per frame."""
+    if len(frames) == 0:
+        raise ValueError("expected at least one frame")
+    if labels is not None and len(labels) != len(frames):
+        raise ValueError(f"got {len(labels)} labels for {len(frames)} frames")
+    titles = list(labels) if labels is not None else [f"frame {i}" for i in range(len(frames))]
+    return [_frame_grid(f, nrows) for f in frames], titles
+
+
+def _show_grid(grid: np.ndarray, title: str, size: float, nrows: int):
+    """Draw one laid-out frame on a new figure; return (figure, image artist, title artist)."""
+    h, w = grid.shape[:2]
+    fig, ax = plt.subplots(figsize=(size * w / h, size * nrows + 0.3))
+    ax.axis("off")
+    im = ax.imshow(grid, interpolation="nearest")
+    return fig, im, ax.set_title(title, fontsize=9)
+
+
 def animate_frames(
     frames: Sequence[Tensor],
     labels: Sequence[str] | None = None,
@@ -96,20 +117,12 @@ def animate_frames(
     as ``nrows`` rows of images. labels: one title per frame. Display the result with
     ``IPython.display.HTML``; it needs no kernel, so it keeps working in the static book.
     """
-    if len(frames) == 0:
-        raise ValueError("animate_frames needs at least one frame")
-    if labels is not None and len(labels) != len(frames):
-        raise ValueError(f"got {len(labels)} labels for {len(frames)} frames")
-    grids = [_frame_grid(f, nrows) for f in frames]
-    h, w = grids[0].shape[:2]
-    fig, ax = plt.subplots(figsize=(size * w / h, size * nrows + 0.3))
-    ax.axis("off")
-    im = ax.imshow(grids[0], interpolation="nearest")
-    title = ax.set_title(labels[0] if labels else "", fontsize=9)
+    grids, titles = _frame_grids(frames, labels, nrows)
+    fig, im, title = _show_grid(grids[0], titles[0], size, nrows)
 
     def update(i):
         im.set_data(grids[i])
-        title.set_text(labels[i] if labels else "")
+        title.set_text(titles[i])
         return im, title
 
     anim = animation.FuncAnimation(fig, update, frames=len(grids), interval=interval, blit=False)
@@ -131,21 +144,16 @@ def frame_slider(
     """
     import ipywidgets as widgets
 
-    grids = [_frame_grid(f, nrows) for f in frames]
+    grids, titles = _frame_grids(frames, labels, nrows)
     out = widgets.Output()
     slider = widgets.IntSlider(
         value=0, min=0, max=len(grids) - 1, description="frame", continuous_update=True
     )
 
     def draw(change=None):
-        i = slider.value
         with out:
             out.clear_output(wait=True)
-            h, w = grids[i].shape[:2]
-            fig, ax = plt.subplots(figsize=(size * w / h, size * nrows + 0.3))
-            ax.imshow(grids[i], interpolation="nearest")
-            ax.set_title(labels[i] if labels else f"frame {i}", fontsize=9)
-            ax.axis("off")
+            _show_grid(grids[slider.value], titles[slider.value], size, nrows)
             plt.show()
 
     slider.observe(draw, names="value")
