@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 _META_KEY = "fdiff"
+_EXTRA = "extra."  # prefix of tensors stored beside a model's weights (e.g. training snapshots)
 
 
 class CheckpointError(ValueError):
@@ -98,19 +99,31 @@ def _model_kinds() -> dict:
     return {"unet": UNet, "factorized": FactorizedDenoiser}
 
 
-def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> Path:
-    """Save a model's weights with its kind and config, so :func:`load_model` can rebuild it."""
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    extra: dict | None = None,
+    tensors: dict[str, Tensor] | None = None,
+) -> Path:
+    """Save a model's weights with its kind and config, so :func:`load_model` can rebuild it.
+
+    extra: JSON-serialisable metadata; tensors: other tensors to keep with the weights (such as
+    the mask snapshots taken during training), returned by :func:`load_model` as
+    ``metadata["tensors"]``.
+    """
     kinds = {cls: name for name, cls in _model_kinds().items()}
     if type(model) not in kinds:
         raise TypeError(f"cannot save a {type(model).__name__}: expected one of {sorted(kinds)}")
     metadata = {"kind": kinds[type(model)], "config": model.config.to_dict(), **(extra or {})}
-    return save_checkpoint(path, model.state_dict(), metadata)
+    state = {**model.state_dict(), **{_EXTRA + k: v for k, v in (tensors or {}).items()}}
+    return save_checkpoint(path, state, metadata)
 
 
 def load_model(path: str | Path, expected_sha256: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by :func:`save_model`; return (model in eval mode, metadata).
 
-    With ``expected_sha256`` the file's hash is checked first.
+    With ``expected_sha256`` the file's hash is checked first. Tensors saved beside the weights
+    are in ``metadata["tensors"]``.
     """
     path = Path(path)
     if expected_sha256 is not None and path.is_file():
@@ -125,7 +138,10 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> tuple[nn
     if meta.get("kind") not in kinds:
         raise CheckpointError(f"{path} holds a model of unknown kind {meta.get('kind')!r}")
     model = kinds[meta["kind"]].from_config(meta["config"])
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    extra = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(_EXTRA)}
+    meta["tensors"] = extra
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"

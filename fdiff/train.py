@@ -79,6 +79,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     step: int = 0
     seconds: float = 0.0
+    snapshot_steps: list[int] = field(default_factory=list)
+    snapshots: list[Tensor] = field(default_factory=list)  # one per entry of snapshot_steps
 
 
 LossFn = Callable[[nn.Module, NoiseSchedule, Tensor, Tensor, Tensor], Tensor]
@@ -154,6 +156,8 @@ def train(
     loss_fn: LossFn = denoising_loss,
     progress: bool = True,
     callback: Callable[[int, TrainResult], None] | None = None,
+    snapshot: Callable[[nn.Module], Tensor] | None = None,
+    snapshot_every: int = 100,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` images for ``config.steps`` steps; resume if possible.
 
@@ -161,6 +165,9 @@ def train(
     checkpoint: path of the resume file. If it exists, training continues from it; it is
     rewritten every ``config.checkpoint_every`` steps, at the end, and on KeyboardInterrupt.
     callback(step, result) runs after every step (``step`` counts completed steps).
+    snapshot(model) -> Tensor runs (without gradients) before the first step and every
+    ``snapshot_every`` steps, on the model being trained; its results go to
+    ``result.snapshots`` and are kept in the resume file, so an interruption loses none of them.
     Returns a :class:`TrainResult`; the EMA model is the one to sample from.
     """
     device = next(model.parameters()).device
@@ -181,7 +188,10 @@ def train(
         opt_tensors, groups = _optimizer_tensors(opt)
         tensors.update(opt_tensors)
         tensors["losses"] = torch.tensor(result.losses, dtype=torch.float32)
+        if result.snapshots:
+            tensors["snapshots"] = torch.stack(result.snapshots)
         meta = {
+            "snapshot_steps": result.snapshot_steps,
             "step": result.step,
             "seconds": result.seconds,
             "train_config": asdict(config),
@@ -192,7 +202,19 @@ def train(
     model.train()
     bar = tqdm(total=config.steps, initial=result.step, disable=not progress, desc="training")
     updating = False
+
+    def take_snapshot() -> None:
+        if snapshot is None or result.step in result.snapshot_steps:
+            return
+        with torch.no_grad():
+            model.eval()
+            result.snapshots.append(snapshot(model).detach().cpu())
+            model.train()
+        result.snapshot_steps.append(result.step)
+
     try:
+        if result.step == 0:
+            take_snapshot()
         while result.step < config.steps:
             t_start = time.perf_counter()
             gen = step_generator(config.seed, result.step)
@@ -222,6 +244,8 @@ def train(
             result.losses.append(loss.item())
             result.seconds += time.perf_counter() - t_start
             bar.update(1)
+            if result.step % snapshot_every == 0 or result.step == config.steps:
+                take_snapshot()
             if result.step % 10 == 0 or result.step == config.steps:
                 bar.set_postfix(loss=f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.4f}")
             if result.step % config.checkpoint_every == 0 or result.step == config.steps:
@@ -255,6 +279,9 @@ def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config:
     result.losses = tensors["losses"].tolist()
     result.step = int(meta["step"])
     result.seconds = float(meta["seconds"])
+    result.snapshot_steps = list(meta.get("snapshot_steps", []))
+    if "snapshots" in tensors:
+        result.snapshots = list(tensors["snapshots"].unbind(0))
 
 
 # -- training a profile's model: the command line and the chapters' "load or train" ------------
@@ -321,7 +348,22 @@ def run_recipe(recipe: Recipe, resume: Path, progress: bool = True):
     """Train the recipe's model (resuming from ``resume`` if it exists); return what to save."""
     model, schedule, data, config = recipe.parts()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = train(model.to(device), schedule, data, config, checkpoint=resume, progress=progress)
+    snapshot, tensors = None, {}
+    if recipe.kind == "factorized":
+        snapshot, tensors = _partition_probe(schedule, data, device)
+    result = train(
+        model.to(device),
+        schedule,
+        data,
+        config,
+        checkpoint=resume,
+        progress=progress,
+        snapshot=snapshot,
+        snapshot_every=max(1, config.steps // 30),
+    )
+    if result.snapshots:
+        tensors["snapshot_masks"] = torch.stack(result.snapshots)
+        tensors["snapshot_steps"] = torch.tensor(result.snapshot_steps, dtype=torch.int64)
     extra = {
         "schedule": schedule.config(),
         "profile": recipe.profile,
@@ -330,7 +372,33 @@ def run_recipe(recipe: Recipe, resume: Path, progress: bool = True):
         "device": str(device),
         "losses": [round(v, 5) for v in result.losses],
     }
-    return result.ema.cpu(), extra
+    return result.ema.cpu(), extra, tensors
+
+
+def _partition_probe(schedule: NoiseSchedule, data, device: torch.device, num_images: int = 6):
+    """Return the snapshot function of a factorized model's training and the probe it uses.
+
+    The probe is the first held-out images of the built-in data with one fixed noise tensor;
+    each snapshot is the masks at :func:`~fdiff.factorized.snapshot_timesteps` as uint8
+    (0..255), shape (P, n_t, K, H, W).
+    """
+    from .data import ShapesDataset
+    from .factorized import masks_over_t, snapshot_timesteps
+
+    probe = ShapesDataset(num_images, data.image_size, seed=data.seed, split="test")
+    x0 = probe.batch(list(range(num_images)))["image"]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1234))
+    ts = snapshot_timesteps(schedule.num_timesteps)
+
+    def snapshot(model: nn.Module) -> Tensor:
+        masks = masks_over_t(model, schedule, x0.to(device), ts, noise.to(device))
+        return (masks.float() * 255).round().to(torch.uint8)
+
+    tensors = {
+        "snapshot_images": x0,
+        "snapshot_timesteps": torch.tensor(ts, dtype=torch.int64),
+    }
+    return snapshot, tensors
 
 
 def cache_dir() -> Path:
@@ -356,8 +424,8 @@ def load_or_train(name: str, kind: str = "unet", profile=None, progress: bool = 
     recipe = Recipe(kind=kind, profile=profile.name)
     path = cache_dir() / "checkpoints" / f"{name}-{profile.name}-{recipe.digest()}.safetensors"
     if not path.exists():
-        ema, extra = run_recipe(recipe, path.with_suffix(".resume"), progress=progress)
-        save_model(path, ema, extra=extra)
+        ema, extra, tensors = run_recipe(recipe, path.with_suffix(".resume"), progress=progress)
+        save_model(path, ema, extra=extra, tensors=tensors)
         path.with_suffix(".resume").unlink(missing_ok=True)
     return load_model(path)
 
@@ -390,9 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
     resume = cache_dir() / "runs" / f"{args.name}.resume.safetensors"
-    ema, extra = run_recipe(recipe, resume)
+    ema, extra, tensors = run_recipe(recipe, resume)
     final = (Path(args.out_dir) if args.out_dir else checkpoint_dir()) / f"{args.name}.safetensors"
-    save_model(final, ema, extra=extra)
+    save_model(final, ema, extra=extra, tensors=tensors)
     tail = extra["losses"][-100:]
     entry = register_checkpoint(
         args.name,

@@ -78,6 +78,37 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_snapshots_are_taken_on_schedule_and_survive_an_interruption(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
+                      precision="fp32")
+    schedule, data = NoiseSchedule("linear", 100), Images()
+    probe = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    t = torch.tensor([50, 50])
+
+    def snap(model):
+        assert not torch.is_grad_enabled() and not model.training
+        return model(probe, t)
+
+    straight = train(_model(), schedule, data, cfg, progress=False, snapshot=snap,
+                     snapshot_every=2)
+    assert straight.snapshot_steps == [0, 2, 4, 6] and len(straight.snapshots) == 4
+    assert not torch.equal(straight.snapshots[0], straight.snapshots[-1])
+
+    def stop_at_3(step, result):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False, callback=stop_at_3,
+              snapshot=snap, snapshot_every=2)
+    resumed = train(_model(seed=5), schedule, data, cfg, checkpoint=ckpt, progress=False,
+                    snapshot=snap, snapshot_every=2)
+    assert resumed.snapshot_steps == straight.snapshot_steps
+    for a, b in zip(straight.snapshots, resumed.snapshots):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, precision="fp32")
     ckpt = tmp_path / "run.safetensors"
