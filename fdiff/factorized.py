@@ -27,7 +27,15 @@ from torch import Tensor, nn
 
 from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, check_input
 
-__all__ = ["FactorizedConfig", "FactorizedDenoiser", "segment"]
+__all__ = [
+    "FactorizedConfig",
+    "FactorizedDenoiser",
+    "segment",
+    "segment_dataset",
+    "masks_over_t",
+    "snapshot_timesteps",
+    "generate_with_masks",
+]
 
 MODES = ("multiply", "concat", "mask_mid")
 
@@ -41,6 +49,7 @@ class FactorizedConfig:
     mask_channels: int | None = None  # base width of the mask generator; None: half the U-Net's
     mode: str = "multiply"
     shared_decoder: bool = True
+    mask_stride: int = 1  # masks are made at 1/mask_stride of the image's resolution
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -50,6 +59,8 @@ class FactorizedConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.mask_config()  # validates the mask generator's widths
+        if not isinstance(self.mask_stride, int) or self.mask_stride < 1:
+            raise ValueError(f"mask_stride must be an int >= 1, got {self.mask_stride!r}")
 
     def mask_config(self) -> UNetConfig:
         """Return the mask generator's config: the U-Net's depth at ``mask_channels`` width."""
@@ -110,7 +121,13 @@ class FactorizedDenoiser(nn.Module):
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)
         h = self.middle(skips[-1], emb)
-        masks = self.mask_decoder(h, skips, emb).float().softmax(dim=1)
+        logits = self.mask_decoder(h, skips, emb).float()
+        stride = self.config.mask_stride
+        if stride > 1:
+            # Coarse masks: logits averaged over stride x stride cells, bilinearly upsampled.
+            size = logits.shape[-2:]
+            logits = F.interpolate(F.avg_pool2d(logits, stride), size=size, mode="bilinear")
+        masks = logits.softmax(dim=1)
         eps_k = self.decode_regions(h, skips, emb, masks.to(h.dtype))  # (B, K, C, H, W)
         eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)
         return (eps, masks) if return_masks else eps
@@ -174,3 +191,98 @@ def segment(
     tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=x0.device)
     _, masks = model(schedule.add_noise(x0, noise, tt), tt, return_masks=True)
     return masks
+
+
+def _check_t(t: int, schedule) -> int:
+    if not 0 <= int(t) < schedule.num_timesteps:
+        raise ValueError(f"t must be in [0, {schedule.num_timesteps}), got {t}")
+    return int(t)
+
+
+@torch.no_grad()
+def masks_over_t(
+    model: FactorizedDenoiser, schedule, x0: Tensor, timesteps, noise: Tensor
+) -> Tensor:
+    """Return the masks of ``x0`` noised with the same ``noise`` to each of ``timesteps``.
+
+    x0, noise: (P, C, H, W). Returns (P, len(timesteps), K, H, W): one forward pass over all
+    (image, t) pairs. This is what the partition views of chapter 2 scrub through.
+    """
+    ts = [_check_t(t, schedule) for t in timesteps]
+    p, n = x0.shape[0], len(ts)
+    tt = torch.tensor(ts, dtype=torch.int64, device=x0.device).repeat_interleave(p)
+    xt = schedule.add_noise(x0.repeat(n, 1, 1, 1), noise.repeat(n, 1, 1, 1), tt)
+    _, masks = model(xt, tt, return_masks=True)
+    return masks.view(n, p, *masks.shape[1:]).transpose(0, 1)
+
+
+def snapshot_timesteps(num_timesteps: int) -> tuple[int, ...]:
+    """Return the timesteps at which training snapshots record masks (1% to 50% of T)."""
+    return tuple(max(1, round(f * num_timesteps)) for f in (0.01, 0.03, 0.06, 0.12, 0.25, 0.5))
+
+
+@torch.no_grad()
+def segment_dataset(
+    model: FactorizedDenoiser,
+    schedule,
+    dataset,
+    t: int,
+    num_images: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> Tensor:
+    """Segment the first ``num_images`` images of ``dataset`` at step ``t``; return soft masks.
+
+    The noise of image i depends only on (seed, i), so a sweep over t or over models sees the
+    same noise. Returns (N, K, H, W) float masks on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    _check_t(t, schedule)
+    n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"segment t={t}"):
+        idx = list(range(start, min(n, start + batch_size)))
+        x0 = _images(dataset, idx).to(device)
+        noise = torch.stack(
+            [
+                torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed * 7919 + i))
+                for i in idx
+            ]
+        ).to(device)
+        out.append(segment(model, schedule, x0, t, noise=noise).cpu())
+    return torch.cat(out)
+
+
+def _images(dataset, idx: list[int]) -> Tensor:
+    if hasattr(dataset, "batch"):
+        return dataset.batch(idx)["image"]
+    return torch.stack([dataset[i]["image"] for i in idx])
+
+
+@torch.no_grad()
+def generate_with_masks(
+    model: FactorizedDenoiser, schedule, shape, t_mask: int, **sample_kwargs
+) -> tuple[Tensor, Tensor]:
+    """Generate images and the masks the model itself used near the end of sampling.
+
+    Runs :func:`fdiff.samplers.sample` (keyword arguments pass through) and, at the visited
+    timestep closest to ``t_mask``, reads the masks of that step's x_t. Returns the samples
+    (B, C, H, W) clamped to [-1, 1] and the masks (B, K, H, W).
+    """
+    from .samplers import sample
+
+    _check_t(t_mask, schedule)
+    closest = None
+    last = None
+    for st in sample(model, schedule, shape, **sample_kwargs):
+        if st.t >= 0 and (closest is None or abs(st.t - t_mask) < abs(closest.t - t_mask)):
+            closest = st
+        last = st
+    if closest is None:
+        raise ValueError("sampling visited no timestep to read masks at")
+    tt = torch.full((shape[0],), closest.t, dtype=torch.int64, device=closest.xt.device)
+    _, masks = model(closest.xt, tt, return_masks=True)
+    return last.xt.clamp(-1, 1), masks

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib import animation
 from torch import Tensor
 
@@ -22,6 +23,8 @@ __all__ = [
     "frame_slider",
     "loss_curve",
     "show_segmentations",
+    "partition_frame",
+    "partition_explorer",
     "glue",
 ]
 
@@ -159,6 +162,75 @@ def frame_slider(
     slider.observe(draw, names="value")
     draw()
     return widgets.VBox([slider, out])
+
+
+def partition_frame(images: Tensor, masks: Tensor, alpha: float = 0.55) -> Tensor:
+    """Lay out images with their soft masks and argmax partition, for the frame viewers.
+
+    images (N, C, H, W) in [-1, 1]; masks (N, K, H, W) in [0, 1] (or uint8 0..255), summing to 1
+    over K. Returns (N * (K + 2), 3, H, W) in [-1, 1], row-major for ``nrows=K + 2``: the images,
+    mask 1 .. mask K in grey (white = 1), then each image tinted by the colour of its argmax
+    region (``tab10`` order, as in :func:`show_segmentations`).
+    """
+    if images.ndim != 4 or masks.ndim != 4 or images.shape[0] != masks.shape[0]:
+        raise ValueError(
+            f"expected images (N, C, H, W) and masks (N, K, H, W) with the same N, got "
+            f"{tuple(images.shape)} and {tuple(masks.shape)}"
+        )
+    if images.shape[-2:] != masks.shape[-2:]:
+        raise ValueError(
+            f"images are {tuple(images.shape[-2:])} but masks {tuple(masks.shape[-2:])}"
+        )
+    m = masks.float() / 255 if masks.dtype == torch.uint8 else masks.float()
+    img = images.float().cpu()
+    img = img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
+    k = m.shape[1]
+    colours = torch.tensor(plt.get_cmap("tab10").colors[:k], dtype=torch.float32) * 2 - 1
+    region = m.argmax(1)  # (N, H, W)
+    tint = colours[region].permute(0, 3, 1, 2)  # (N, 3, H, W)
+    overlay = (1 - alpha) * img + alpha * tint
+    grey = [(m[:, j : j + 1] * 2 - 1).expand(-1, 3, -1, -1).cpu() for j in range(k)]
+    return torch.cat([img, *grey, overlay])
+
+
+def partition_explorer(
+    images: Tensor,
+    masks: Tensor,
+    steps: Sequence[int],
+    timesteps: Sequence[int],
+    size: float = 1.4,
+):
+    """Return an ipywidgets view with two sliders: training step and diffusion timestep.
+
+    images (N, C, H, W) in [-1, 1]; masks (S, N, n_t, K, H, W), the snapshot of training step
+    ``steps[s]`` at timestep ``timesteps[i]`` (as saved with a factorized checkpoint). Each view
+    is a :func:`partition_frame`. In the static book it is a frozen snapshot; the animations
+    made with :func:`animate_frames` scrub there.
+    """
+    import ipywidgets as widgets
+
+    if masks.ndim != 6 or masks.shape[0] != len(steps) or masks.shape[2] != len(timesteps):
+        raise ValueError(
+            f"masks must be (S={len(steps)}, N, n_t={len(timesteps)}, K, H, W), "
+            f"got {tuple(masks.shape)}"
+        )
+    k = masks.shape[3]
+    out = widgets.Output()
+    step = widgets.SelectionSlider(options=list(steps), value=steps[-1], description="step")
+    t = widgets.SelectionSlider(options=list(timesteps), value=timesteps[0], description="t")
+
+    def draw(change=None):
+        s, i = list(steps).index(step.value), list(timesteps).index(t.value)
+        grid = _frame_grid(partition_frame(images, masks[s, :, i]), nrows=k + 2)
+        with out:
+            out.clear_output(wait=True)
+            _show_grid(grid, f"training step {step.value}, t = {t.value}", size, k + 2)
+            plt.show()
+
+    step.observe(draw, names="value")
+    t.observe(draw, names="value")
+    draw()
+    return widgets.VBox([widgets.HBox([step, t]), out])
 
 
 def loss_curve(losses: Sequence[float], window: int = 50, ax: plt.Axes | None = None) -> plt.Axes:

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from fdiff.checkpoints import load_model, save_model
-from fdiff.factorized import FactorizedConfig, FactorizedDenoiser, segment
+from fdiff.factorized import (
+    FactorizedConfig,
+    FactorizedDenoiser,
+    generate_with_masks,
+    masks_over_t,
+    segment,
+    segment_dataset,
+    snapshot_timesteps,
+)
 from fdiff.schedules import NoiseSchedule
 from fdiff.train import denoising_loss
 from fdiff.unet import UNetConfig, count_parameters
@@ -114,11 +122,70 @@ def test_segment_noises_then_reads_masks():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_masks_over_t_is_segment_at_each_t():
+    model = _model(3, seed=4)
+    schedule = NoiseSchedule("cosine", 100)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ts = (1, 30, 90)
+    masks = masks_over_t(model, schedule, x0, ts, noise)
+    assert masks.shape == (2, 3, 3, 8, 8)
+    for i, t in enumerate(ts):
+        torch.testing.assert_close(masks[:, i], segment(model, schedule, x0, t, noise=noise))
+    with pytest.raises(ValueError, match="t must be in"):
+        masks_over_t(model, schedule, x0, (100,), noise)
+    assert snapshot_timesteps(1000) == (10, 30, 60, 120, 250, 500)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i]}
+
+
+def test_segment_dataset_noise_depends_only_on_the_image_index():
+    model = _model(2, seed=5)
+    schedule = NoiseSchedule("cosine", 100)
+    data = _Images(5)
+    a = segment_dataset(model, schedule, data, t=20, batch_size=2, progress=False)
+    b = segment_dataset(model, schedule, data, t=20, batch_size=5, progress=False)
+    assert a.shape == (5, 2, 8, 8)
+    torch.testing.assert_close(a, b)
+    c = segment_dataset(model, schedule, data, t=20, num_images=3, progress=False)
+    torch.testing.assert_close(c, a[:3])
+    d = segment_dataset(model, schedule, data, t=20, seed=1, progress=False)
+    assert not torch.equal(a, d)
+
+
+def test_generate_with_masks_reads_the_masks_of_the_step_nearest_t_mask():
+    from fdiff.samplers import generate
+
+    model = _model(2, seed=6)
+    schedule = NoiseSchedule("cosine", 100)
+    xT = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    images, masks = generate_with_masks(model, schedule, xT.shape, t_mask=30, num_steps=10, xT=xT)
+    torch.testing.assert_close(images, generate(model, schedule, xT.shape, num_steps=10, xT=xT))
+    assert masks.shape == (2, 2, 8, 8)
+    # With 10 DDIM steps of T = 100 the visited timesteps are 80, 70, ..., 0; 30 is one of them.
+    from fdiff.samplers import sample
+
+    x30 = next(st.xt for st in sample(model, schedule, xT.shape, num_steps=10, xT=xT) if st.t == 30)
+    _, expected = model(x30, torch.full((2,), 30), return_masks=True)
+    torch.testing.assert_close(masks, expected)
+
+
 def test_save_load_round_trip(tmp_path):
     model = _model(3, mode="mask_mid", mask_channels=8)
-    path = save_model(tmp_path / "f.safetensors", model)
+    extra = {"snapshot_masks": torch.arange(6, dtype=torch.uint8).view(1, 2, 3)}
+    path = save_model(tmp_path / "f.safetensors", model, tensors=extra)
     loaded, meta = load_model(path)
     assert meta["kind"] == "factorized" and loaded.config == model.config
+    torch.testing.assert_close(meta["tensors"]["snapshot_masks"], extra["snapshot_masks"])
     xt, t = _xt()
     torch.testing.assert_close(loaded(xt, t), model(xt, t), rtol=0, atol=0)
 

@@ -10,6 +10,8 @@ from fdiff.viz import (  # noqa: E402
     animate_frames,
     frame_slider,
     glue,
+    partition_explorer,
+    partition_frame,
     show_images,
     show_segmentations,
     to_numpy_image,
@@ -52,3 +54,30 @@ def test_widgets_and_figures_build():
     fig = show_segmentations(torch.zeros(4, 3, 4, 4), [labels, labels], row_titles=["x", "y", "z"])
     assert len(fig.axes) == 12
     assert glue("unit_test_value", 3) == 3
+
+
+def test_partition_frame_rows_are_image_masks_and_tinted_argmax():
+    images = torch.zeros(2, 3, 4, 4)
+    masks = torch.zeros(2, 2, 4, 4)
+    masks[:, 0, :, :2] = 1  # left half region 0, right half region 1
+    masks[:, 1, :, 2:] = 1
+    frame = partition_frame(images, masks, alpha=1.0)
+    assert frame.shape == (2 * 4, 3, 4, 4)
+    torch.testing.assert_close(frame[:2], images)
+    assert (frame[2, :, :, :2] == 1).all() and (frame[2, :, :, 2:] == -1).all()  # mask 1, white
+    assert (frame[4, :, :, :2] == -1).all() and (frame[4, :, :, 2:] == 1).all()  # mask 2
+    left, right = frame[6, :, 0, 0], frame[6, :, 0, 3]
+    assert not torch.equal(left, right)  # two regions, two colours
+    as_uint8 = partition_frame(images, (masks * 255).to(torch.uint8), alpha=1.0)
+    torch.testing.assert_close(as_uint8, frame)
+    with pytest.raises(ValueError, match="same N"):
+        partition_frame(images, masks[:1])
+
+
+def test_partition_explorer_checks_snapshot_shape():
+    images = torch.zeros(2, 3, 4, 4)
+    masks = torch.full((3, 2, 2, 2, 4, 4), 0.5)
+    view = partition_explorer(images, masks, steps=[0, 10, 20], timesteps=[5, 30])
+    assert len(view.children) == 2
+    with pytest.raises(ValueError, match="S=2"):
+        partition_explorer(images, masks, steps=[0, 10], timesteps=[5, 30])
