@@ -49,7 +49,6 @@ class FactorizedConfig:
     mask_channels: int | None = None  # base width of the mask generator; None: half the U-Net's
     mode: str = "multiply"
     shared_decoder: bool = True
-    mask_stride: int = 1  # masks are made at 1/mask_stride of the image's resolution
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -59,8 +58,6 @@ class FactorizedConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.mask_config()  # validates the mask generator's widths
-        if not isinstance(self.mask_stride, int) or self.mask_stride < 1:
-            raise ValueError(f"mask_stride must be an int >= 1, got {self.mask_stride!r}")
 
     def mask_config(self) -> UNetConfig:
         """Return the mask generator's config: the U-Net's depth at ``mask_channels`` width."""
@@ -121,13 +118,7 @@ class FactorizedDenoiser(nn.Module):
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)
         h = self.middle(skips[-1], emb)
-        logits = self.mask_decoder(h, skips, emb).float()
-        stride = self.config.mask_stride
-        if stride > 1:
-            # Coarse masks: logits averaged over stride x stride cells, bilinearly upsampled.
-            size = logits.shape[-2:]
-            logits = F.interpolate(F.avg_pool2d(logits, stride), size=size, mode="bilinear")
-        masks = logits.softmax(dim=1)
+        masks = self.mask_decoder(h, skips, emb).float().softmax(dim=1)
         eps_k = self.decode_regions(h, skips, emb, masks.to(h.dtype))  # (B, K, C, H, W)
         eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)
         return (eps, masks) if return_masks else eps
