@@ -9,9 +9,15 @@ The public API, by concept (one module each):
 - :mod:`fdiff.train`: ``train``, ``TrainConfig``, ``load_or_train``
 - :mod:`fdiff.checkpoints`: ``save_model``, ``load_model``, ``load_pretrained``
 - :mod:`fdiff.data`: ``ShapesDataset`` (built-in), ``load_dataset`` (real datasets)
-- :mod:`fdiff.factorized`: ``FactorizedDenoiser``, ``FactorizedConfig``, ``segment``
-- :mod:`fdiff.metrics`: ``foreground_scores``, ``hungarian_miou``, ``fg_ari``, ``mask_stats``
-- :mod:`fdiff.viz`: figures and scrubbable animations
+- :mod:`fdiff.factorized`: ``FactorizedDenoiser``, ``FactorizedConfig``, ``segment``,
+  ``segment_dataset``, ``masks_over_t``, ``generate_with_masks``
+- :mod:`fdiff.metrics`: ``foreground_scores``, ``miou``, ``hungarian_miou``, ``fg_ari``,
+  ``mask_stats``, ``frechet_distance``
+- :mod:`fdiff.baselines`: ``colour_kmeans``, ``grabcut``, ``feature_kmeans``, ``kmeans``
+- :mod:`fdiff.imagenet`: ``load_mobilenet_v2``, ``MobileNetPixelFeatures``, ``pooled_features``
+- :mod:`fdiff.features`: ``capture``, ``decoder_blocks``, ``DiffusionFeatures``, ``sample_pixels``
+- :mod:`fdiff.probing`: ``ProbeEnsemble``, ``ProbeConfig``, ``PixelMLP``, ``predict_images``
+- :mod:`fdiff.viz`: figures, scrubbable animations, partition views, ``pca_rgb``
 """
 
 from .profiles import describe_profile, get_profile

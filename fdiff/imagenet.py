@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["load_mobilenet_v2", "mobilenet_features", "pooled_features", "WEIGHTS_FILE"]
+__all__ = [
+    "load_mobilenet_v2",
+    "mobilenet_features",
+    "MobileNetPixelFeatures",
+    "pooled_features",
+    "WEIGHTS_FILE",
+]
 
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 _MEAN = (0.485, 0.456, 0.406)
@@ -101,3 +107,27 @@ def pooled_features(model: nn.Module, images: Tensor, size: int = 128, batch_siz
         x = _normalise(images[start : start + batch_size], size)
         out.append(model.features(x).mean(dim=(2, 3)))
     return torch.cat(out)
+
+
+class MobileNetPixelFeatures:
+    """Per-pixel ImageNet features: MobileNetV2 stages upsampled to the image and concatenated.
+
+    stages: numbers of leading blocks whose outputs to take (4, 7, 14: strides 4, 8, 16).
+    Maps images (B, C, S, S) in [-1, 1] to (B, D, S, S); ``dim`` is computed from the model.
+    """
+
+    def __init__(self, model: nn.Module, stages=(4, 7, 14), size: int = 128):
+        self.model, self.stages, self.size = model, tuple(stages), size
+        probe = self(torch.zeros(1, 3, 32, 32))
+        self.dim = probe.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        x = _normalise(images, self.size)
+        out, done = [], 0
+        for stop in self.stages:
+            for block in self.model.features[done:stop]:
+                x = block(x)
+            done = stop
+            out.append(F.interpolate(x, size=images.shape[-2:], mode="bilinear"))
+        return torch.cat(out, dim=1)

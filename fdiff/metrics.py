@@ -27,6 +27,7 @@ __all__ = [
     "fg_ari",
     "mask_stats",
     "frechet_distance",
+    "miou",
 ]
 
 
@@ -73,6 +74,21 @@ def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict
     acc = (tp[best] + (conf[:, 0].sum() - fp[best])) / total
     dice = 2 * tp[best] / (2 * tp[best] + fp[best] + fn[best]).clamp(min=1)
     return {"accuracy": float(acc), "iou": float(iou[best]), "dice": float(dice), "region": best}
+
+
+def miou(pred: Tensor, target: Tensor, num_classes: int) -> tuple[float, list[float]]:
+    """Mean IoU of predicted against true classes (no matching: the ids are the classes).
+
+    pred, target (B, H, W) in [0, C), target -1 ignored. Classes absent from both prediction
+    and target are left out of the mean. Returns (mean IoU, per-class IoU with nan for absent).
+    """
+    _check_labels(pred, target)
+    conf = confusion(pred, target, num_classes, num_classes).double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    per_class = [float(i / u) if u > 0 else float("nan") for i, u in zip(inter, union)]
+    present = [v for v in per_class if not math.isnan(v)]
+    return (float(np.mean(present)) if present else float("nan")), per_class
 
 
 def hungarian_miou(pred: Tensor, target: Tensor, num_classes: int | None = None) -> float:

@@ -25,6 +25,7 @@ __all__ = [
     "show_segmentations",
     "partition_frame",
     "partition_explorer",
+    "pca_rgb",
     "glue",
 ]
 
@@ -231,6 +232,27 @@ def partition_explorer(
     t.observe(draw, names="value")
     draw()
     return widgets.VBox([widgets.HBox([step, t]), out])
+
+
+def pca_rgb(features: Tensor) -> Tensor:
+    """Project feature maps (B, D, H, W) on their first three principal components, as images.
+
+    One PCA is fitted over all pixels of the batch, so colours are comparable across images.
+    Each component is scaled to [-1, 1] by its 1st and 99th percentiles. Returns (B, 3, H, W).
+    """
+    if features.ndim != 4:
+        raise ValueError(f"features must be (B, D, H, W), got {tuple(features.shape)}")
+    b, d, h, w = features.shape
+    x = features.float().permute(0, 2, 3, 1).reshape(-1, d)
+    x = x - x.mean(0)
+    q = min(3, d)
+    _, _, v = torch.pca_lowrank(x, q=q, center=False)
+    proj = x @ v[:, :q]
+    if q < 3:
+        proj = torch.cat([proj, proj.new_zeros(len(proj), 3 - q)], dim=1)
+    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
+    proj = ((proj - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1) * 2 - 1
+    return proj.view(b, h, w, 3).permute(0, 3, 1, 2)
 
 
 def loss_curve(losses: Sequence[float], window: int = 50, ax: plt.Axes | None = None) -> plt.Axes:

@@ -30,3 +30,9 @@ def test_features_have_the_documented_shapes(mobilenet):
     assert imagenet.pooled_features(mobilenet, x).shape == (2, 1280)
     with pytest.raises(ValueError, match="images must be"):
         imagenet.mobilenet_features(mobilenet, x[0])
+
+
+def test_pixel_features_are_upsampled_and_concatenated(mobilenet):
+    fx = imagenet.MobileNetPixelFeatures(mobilenet, stages=(4, 7))
+    out = fx(torch.zeros(2, 3, 16, 16))
+    assert out.shape == (2, fx.dim, 16, 16) and fx.dim == 24 + 32

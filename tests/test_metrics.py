@@ -105,3 +105,14 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         frechet_distance(a, b[:, :2])
+
+
+def test_miou_by_hand():
+    from fdiff.metrics import miou
+
+    target = torch.tensor([[[0, 0, 1, 1], [2, 2, -1, -1]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [2, 2, 0, 0]]])
+    mean, per = miou(pred, target, num_classes=4)
+    # class 0: inter 1, union 2; class 1: inter 2, union 3; class 2: 2/2; class 3 absent
+    assert per[:3] == pytest.approx([0.5, 2 / 3, 1.0]) and math.isnan(per[3])
+    assert mean == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)

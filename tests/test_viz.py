@@ -81,3 +81,15 @@ def test_partition_explorer_checks_snapshot_shape():
     assert len(view.children) == 2
     with pytest.raises(ValueError, match="S=2"):
         partition_explorer(images, masks, steps=[0, 10], timesteps=[5, 30])
+
+
+def test_pca_rgb_maps_the_main_direction_to_the_first_channel():
+    from fdiff.viz import pca_rgb
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 5, 4, 4, generator=g) * 0.01
+    feats[:, 2, :, :2] += 3  # one strong direction: left vs right halves
+    rgb = pca_rgb(feats)
+    assert rgb.shape == (2, 3, 4, 4) and rgb.min() >= -1 and rgb.max() <= 1
+    left, right = rgb[:, 0, :, :2].mean(), rgb[:, 0, :, 2:].mean()
+    assert abs(left - right) > 1.5
