@@ -63,23 +63,33 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = make_inputs(batch, profile.image_size, 3, schedule, seed=0)
     torch.manual_seed(0)
     models = {"unet": UNet(cfg)}
+    batches = {"unet": inputs}
     for k in args.regions:
         models[f"factorized K={k}"] = FactorizedDenoiser(FactorizedConfig(cfg, num_regions=k))
+        batches[f"factorized K={k}"] = inputs
+    # Reference: the plain U-Net on K times the batch, i.e. how this machine's step time scales
+    # with batch size alone. The factorized decoder runs on K * batch images.
+    for k in args.regions:
+        models[f"unet, batch x{k}"] = UNet(cfg)
+        batches[f"unet, batch x{k}"] = make_inputs(k * batch, profile.image_size, 3, schedule, 0)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
         f"profile {profile.name}: {profile.image_size} px, batch {batch}"
     )
-    flops = {name: step_flops(m, *inputs[0], args.precision) for name, m in models.items()}
+    flops = {
+        name: step_flops(m, *batches[name][0], args.precision) for name, m in models.items()
+    }
     steps = {
-        name: make_train_step(m, inputs, args.precision, lr=1e-4) for name, m in models.items()
+        name: make_train_step(m, batches[name], args.precision, lr=1e-4)
+        for name, m in models.items()
     }
     times = interleaved(steps, warmup=2, rounds=args.rounds, per_block=args.steps_per_block)
 
     base_t, _ = summarize(times["unet"])
     rows = {}
     header = (
-        f"{'model':<16}{'params':>11}{'GFLOP/step':>12}{'FLOP ratio':>12}{'s/step':>9}"
+        f"{'model':<18}{'params':>11}{'GFLOP/step':>12}{'FLOP ratio':>12}{'s/step':>9}"
         f"{'IQR':>7}{'time ratio':>12}{'time/FLOP':>11}"
     )
     print(header)
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         fr, tr = flops[name] / flops["unet"], med / base_t
         rows[name] = {"flop_ratio": fr, "time_ratio": tr, "seconds": med}
         print(
-            f"{name:<16}{count_parameters(model):>11,}{flops[name] / 1e9:>12.2f}{fr:>12.2f}"
+            f"{name:<18}{count_parameters(model):>11,}{flops[name] / 1e9:>12.2f}{fr:>12.2f}"
             f"{med:>9.3f}{iqr:>7.3f}{tr:>12.2f}{tr / fr:>11.2f}"
         )
     for name, r in rows.items():

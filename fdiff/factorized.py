@@ -136,14 +136,16 @@ class FactorizedDenoiser(nn.Module):
         def region_view(x: Tensor, mask: bool) -> Tensor:
             # (B, C, ...) -> (B*K, C, ...): each image repeated once per region, masked if asked.
             size = tuple(x.shape[-2:])
+            if mask and size not in pooled:
+                pooled[size] = _pool_mask(flat, size)
+            if mask and not self.extra:
+                # One broadcast product writes the B*K masked copies directly (no repeat first).
+                m = pooled[size].view(b, k, 1, *size)
+                return (x.unsqueeze(1) * m).reshape(b * k, *x.shape[1:])
             rep = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
             if not mask:
                 return rep
-            if size not in pooled:
-                pooled[size] = _pool_mask(flat, size)
-            if self.extra:
-                return torch.cat([rep, pooled[size].expand(-1, self.extra, -1, -1)], dim=1)
-            return rep * pooled[size]
+            return torch.cat([rep, pooled[size].expand(-1, self.extra, -1, -1)], dim=1)
 
         h_k = region_view(h, mask=self.config.mode == "mask_mid")
         skips_k = [region_view(s, mask=True) for s in skips]
