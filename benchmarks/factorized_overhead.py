@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
         f"profile {profile.name}: {profile.image_size} px, batch {batch}"
     )
-    flops = {
-        name: step_flops(m, *batches[name][0], args.precision) for name, m in models.items()
-    }
+    flops = {name: step_flops(m, *batches[name][0], args.precision) for name, m in models.items()}
     steps = {
         name: make_train_step(m, batches[name], args.precision, lr=1e-4)
         for name, m in models.items()

@@ -46,10 +46,14 @@ def run(mode: str, args) -> dict:
     data = ShapesDataset(args.images, args.size)
     t0 = time.perf_counter()
     per_image = None if mode == "all-in-memory" else args.pixels
-    X, y = sample_pixels(fx, data, list(range(args.images)), pixels_per_image=per_image,
-                         batch_size=2, progress=False)
-    probe = ProbeEnsemble(fx.dim, len(data.CLASS_NAMES),
-                          ProbeConfig(ensemble_size=args.ensemble, max_epochs=args.epochs))
+    X, y = sample_pixels(
+        fx, data, list(range(args.images)), pixels_per_image=per_image, batch_size=2, progress=False
+    )
+    probe = ProbeEnsemble(
+        fx.dim,
+        len(data.CLASS_NAMES),
+        ProbeConfig(ensemble_size=args.ensemble, max_epochs=args.epochs),
+    )
     probe.fit(X, y)
     return {
         "mode": mode,
@@ -79,14 +83,20 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--mode", mode] + sys.argv[1:]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{args.images} images at {args.size} px, {args.profile} U-Net, "
-          f"feature dim {rows[0]['feature_dim']}, {args.pixels} pixels/image when streamed")
+    print(
+        f"{args.images} images at {args.size} px, {args.profile} U-Net, "
+        f"feature dim {rows[0]['feature_dim']}, {args.pixels} pixels/image when streamed"
+    )
     print(f"{'mode':15s}{'pixels':>10s}{'features GB':>13s}{'peak RSS GB':>13s}{'seconds':>9s}")
     for r in rows:
-        print(f"{r['mode']:15s}{r['pixels']:10d}{r['feature_gb']:13.2f}"
-              f"{r['peak_rss_gb']:13.2f}{r['seconds']:9.1f}")
-    print(f"peak memory ratio all-in-memory / streamed: "
-          f"{rows[1]['peak_rss_gb'] / rows[0]['peak_rss_gb']:.1f}")
+        print(
+            f"{r['mode']:15s}{r['pixels']:10d}{r['feature_gb']:13.2f}"
+            f"{r['peak_rss_gb']:13.2f}{r['seconds']:9.1f}"
+        )
+    print(
+        f"peak memory ratio all-in-memory / streamed: "
+        f"{rows[1]['peak_rss_gb'] / rows[0]['peak_rss_gb']:.1f}"
+    )
 
 
 if __name__ == "__main__":
