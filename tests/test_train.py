@@ -162,3 +162,31 @@ def test_recipe_digest_changes_with_the_recipe():
     assert Recipe("unet", "ci").digest() == Recipe("unet", "ci").digest()
     assert Recipe("unet", "ci").digest() != Recipe("unet", "ci", steps=5).digest()
     assert Recipe("unet", "ci").digest() != Recipe("unet", "ci", schedule="linear").digest()
+
+
+def test_a_trained_factorized_model_carries_its_partition_snapshots(tmp_path, monkeypatch):
+    from fdiff.data import ShapesDataset
+    from fdiff.factorized import masks_over_t
+    from fdiff.profiles import get_profile
+    from fdiff.train import load_or_train
+
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
+    ci = get_profile("ci")
+    model, meta = load_or_train("factorized_test", kind="factorized", profile=ci, progress=False)
+    snap = meta["tensors"]
+    steps = snap["snapshot_steps"].tolist()
+    assert steps[0] == 0 and steps[-1] == ci.train_steps and steps == sorted(steps)
+    n, ts = len(snap["snapshot_images"]), snap["snapshot_timesteps"].tolist()
+    masks = snap["snapshot_masks"]
+    assert masks.dtype == torch.uint8
+    assert masks.shape == (len(steps), n, len(ts), 2, ci.image_size, ci.image_size)
+    # masks are a partition of unity up to the uint8 rounding
+    assert (masks.int().sum(3) - 255).abs().max() <= 1
+    probe = ShapesDataset(n, ci.image_size, split="test").batch(list(range(n)))["image"]
+    torch.testing.assert_close(snap["snapshot_images"], probe)
+    # the first snapshot is the untrained model, the last differs from it
+    assert not torch.equal(masks[0], masks[-1])
+    size = ci.image_size
+    again = masks_over_t(model, NoiseSchedule("cosine", ci.num_timesteps), probe, ts,
+                         torch.zeros_like(probe))
+    assert again.shape == (n, len(ts), 2, size, size)
