@@ -287,15 +287,23 @@ def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config:
 # -- training a profile's model: the command line and the chapters' "load or train" ------------
 
 
-def build_model(kind: str, profile) -> nn.Module:
-    """Return a freshly initialised model of ``kind`` sized by ``profile``."""
+def build_model(kind: str, profile, **factorized) -> nn.Module:
+    """Return a freshly initialised model of ``kind`` sized by ``profile``.
+
+    ``factorized``: :class:`~fdiff.factorized.FactorizedConfig` fields (``num_regions``,
+    ``mode``, ``shared_decoder``) for the factorized model and its ablation variants.
+    """
     from .factorized import FactorizedConfig, FactorizedDenoiser
     from .unet import UNet, UNetConfig
 
     if kind == "unet":
+        if any(
+            v != FactorizedConfig.__dataclass_fields__[k].default for k, v in factorized.items()
+        ):
+            raise ValueError(f"{sorted(factorized)} only apply to --model factorized")
         return UNet(UNetConfig.from_profile(profile))
     if kind == "factorized":
-        return FactorizedDenoiser(FactorizedConfig(UNetConfig.from_profile(profile)))
+        return FactorizedDenoiser(FactorizedConfig(UNetConfig.from_profile(profile), **factorized))
     raise ValueError(f"unknown model kind {kind!r}: expected 'unet' or 'factorized'")
 
 
@@ -309,6 +317,9 @@ class Recipe:
     seed: int = 0
     steps: int | None = None  # None: the profile's train_steps
     precision: str = "auto"
+    num_regions: int = 2  # the factorized model's K and ablation variant
+    mode: str = "multiply"
+    shared_decoder: bool = True
 
     def parts(self):
         from .data import ShapesDataset
@@ -316,7 +327,13 @@ class Recipe:
 
         profile = get_profile(self.profile)
         torch.manual_seed(self.seed)
-        model = build_model(self.kind, profile)
+        model = build_model(
+            self.kind,
+            profile,
+            num_regions=self.num_regions,
+            mode=self.mode,
+            shared_decoder=self.shared_decoder,
+        )
         schedule = NoiseSchedule(self.schedule, profile.num_timesteps)
         data = ShapesDataset(profile.num_train_images, profile.image_size, seed=self.seed)
         config = TrainConfig(
@@ -443,6 +460,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=None, help="default: data/checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--regions", type=int, default=2, help="factorized model: K")
+    parser.add_argument(
+        "--mode",
+        default="multiply",
+        choices=["multiply", "concat", "mask_mid"],
+        help="factorized model: how the decoder sees its mask (ablations)",
+    )
+    parser.add_argument(
+        "--unshared-decoders",
+        action="store_true",
+        help="factorized model: one decoder per region (ablation)",
+    )
     args = parser.parse_args(argv)
     command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -455,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         steps=args.steps,
         precision=args.precision,
+        num_regions=args.regions,
+        mode=args.mode,
+        shared_decoder=not args.unshared_decoders,
     )
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
     resume = cache_dir() / "runs" / f"{args.name}.resume.safetensors"

@@ -190,3 +190,34 @@ def test_a_trained_factorized_model_carries_its_partition_snapshots(tmp_path, mo
     again = masks_over_t(model, NoiseSchedule("cosine", ci.num_timesteps), probe, ts,
                          torch.zeros_like(probe))
     assert again.shape == (n, len(ts), 2, size, size)
+
+
+def test_recipes_build_the_factorized_variants_and_refuse_them_for_a_unet():
+    from fdiff.train import Recipe
+
+    model = Recipe(kind="factorized", profile="ci", num_regions=3, mode="concat",
+                   shared_decoder=False).parts()[0]
+    cfg = model.config
+    assert (cfg.num_regions, cfg.mode, cfg.shared_decoder) == (3, "concat", False)
+    assert len(model.decoders) == 3
+    assert Recipe("factorized", "ci", num_regions=3).digest() != Recipe("factorized", "ci").digest()
+    with pytest.raises(ValueError, match="only apply to --model factorized"):
+        Recipe(kind="unet", profile="ci", num_regions=3).parts()
+
+
+def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
+    from fdiff import train as train_module
+
+    seen = {}
+
+    def fake_run(recipe, resume, progress=True):
+        seen["recipe"] = recipe
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "run_recipe", fake_run)
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit):
+        train_module.main(["--model", "factorized", "--profile", "ci", "--name", "x",
+                           "--regions", "4", "--mode", "mask_mid", "--unshared-decoders"])
+    r = seen["recipe"]
+    assert (r.num_regions, r.mode, r.shared_decoder) == (4, "mask_mid", False)
