@@ -303,14 +303,14 @@ def show_segmentations(
     return fig
 
 
-def glue(name: str, value, display: bool = False):
-    """Record a computed value for the book's prose (``{glue:text}`name```); return it.
+def glue(name: str, value, display: bool = False) -> None:
+    """Record a computed value for the book's prose (``{glue:text}`name```).
 
-    Outside a Jupyter Book build (no myst-nb installed, e.g. on Colab) it only returns the value.
+    Returns nothing, so that a cell ending with ``glue(...)`` shows no stray output. Outside a
+    Jupyter Book build (no myst-nb installed, e.g. on Colab) it does nothing.
     """
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
-        return value
+        return
     myst_glue(name, value, display=display)
-    return value
