@@ -102,7 +102,9 @@ def _frame_grids(
 def _show_grid(grid: np.ndarray, title: str, size: float, nrows: int):
     """Draw one laid-out frame on a new figure; return (figure, image artist, title artist)."""
     h, w = grid.shape[:2]
-    fig, ax = plt.subplots(figsize=(size * w / h, size * nrows + 0.3))
+    height = size * nrows  # `size` inches per row of images; the width keeps the grid's aspect
+    fig, ax = plt.subplots(figsize=(height * w / h, height + 0.3))
+    ax.set_position((0, 0, 1, height / (height + 0.3)))  # the title goes in the top 0.3 inch
     ax.axis("off")
     im = ax.imshow(grid, interpolation="nearest")
     return fig, im, ax.set_title(title, fontsize=9)

@@ -93,3 +93,13 @@ def test_pca_rgb_maps_the_main_direction_to_the_first_channel():
     assert rgb.shape == (2, 3, 4, 4) and rgb.min() >= -1 and rgb.max() <= 1
     left, right = rgb[:, 0, :, :2].mean(), rgb[:, 0, :, 2:].mean()
     assert abs(left - right) > 1.5
+
+
+def test_frames_are_drawn_at_size_inches_per_row_with_the_grid_aspect():
+    from fdiff.viz import _show_grid
+
+    grid = _frame_grid(torch.zeros(12, 3, 8, 8), nrows=4)  # 4 rows of 3 images
+    fig, _, _ = _show_grid(grid, "title", size=1.5, nrows=4)
+    width, height = fig.get_size_inches()
+    assert height == pytest.approx(1.5 * 4 + 0.3)
+    assert width == pytest.approx(1.5 * 4 * grid.shape[1] / grid.shape[0])
