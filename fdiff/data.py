@@ -40,6 +40,7 @@ __all__ = [
     "DATASET_NAMES",
     "default_data_root",
     "load_dataset",
+    "stack_images",
     "pet_trimap_to_mask",
     "flower_segmim_to_mask",
 ]
@@ -84,6 +85,19 @@ def _check_index(index: Any, length: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Common base class: resizing and scaling shared by the real datasets
 # --------------------------------------------------------------------------------------------
+
+
+def stack_images(dataset, indices: Sequence[int]) -> Tensor:
+    """Return the images of ``dataset`` at ``indices`` stacked (B, C, H, W).
+
+    Uses ``dataset.batch`` when it exists (one render for the built-in data); items may be
+    dicts with an ``image`` or bare image tensors.
+    """
+    if hasattr(dataset, "batch"):
+        items = dataset.batch(list(indices))
+        return items["image"] if isinstance(items, dict) else items
+    items = [dataset[i] for i in indices]
+    return torch.stack([it["image"] if isinstance(it, dict) else it for it in items])
 
 
 class SegmentationDataset(Dataset):

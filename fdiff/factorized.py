@@ -232,13 +232,15 @@ def segment_dataset(
     """
     from tqdm.auto import tqdm
 
+    from .data import stack_images
+
     _check_t(t, schedule)
     n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"segment t={t}"):
         idx = list(range(start, min(n, start + batch_size)))
-        x0 = _images(dataset, idx).to(device)
+        x0 = stack_images(dataset, idx).to(device)
         noise = torch.stack(
             [
                 torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed * 7919 + i))
@@ -247,12 +249,6 @@ def segment_dataset(
         ).to(device)
         out.append(segment(model, schedule, x0, t, noise=noise).cpu())
     return torch.cat(out)
-
-
-def _images(dataset, idx: list[int]) -> Tensor:
-    if hasattr(dataset, "batch"):
-        return dataset.batch(idx)["image"]
-    return torch.stack([dataset[i]["image"] for i in idx])
 
 
 @torch.no_grad()

@@ -51,10 +51,15 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     A :class:`~fdiff.unet.UNet`: its decoder's blocks. A factorized denoiser: its mask
     generator's blocks (the denoising decoder runs once per region, on K times the batch).
     """
+    decoder = _decoder(model)
+    return [decoder.get_submodule(name) for name in decoder.block_names]
+
+
+def _decoder(model: nn.Module) -> nn.Module:
     decoder = getattr(model, "decoder", None) or getattr(model, "mask_decoder", None)
     if decoder is None:
         raise TypeError(f"{type(model).__name__} has no decoder to probe")
-    return [decoder.get_submodule(name) for name in decoder.block_names]
+    return decoder
 
 
 class DiffusionFeatures:
@@ -92,7 +97,7 @@ class DiffusionFeatures:
         self.modules = {f"block{b}": all_blocks[b] for b in self.blocks}
         gen = torch.Generator().manual_seed(noise_seed)
         self.noise = torch.randn(self.image_shape, generator=gen)
-        widths = [_block_width(all_blocks[b]) for b in self.blocks]
+        widths = [_decoder(model).block_channels[b] for b in self.blocks]
         self.in_channels = [(t, b, w) for t in self.timesteps for b, w in zip(self.blocks, widths)]
 
     @property
@@ -120,10 +125,6 @@ class DiffusionFeatures:
                 h = store[f"block{b}"].float()
                 out.append(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
         return torch.cat(out, dim=1)
-
-
-def _block_width(block: nn.Module) -> int:
-    return block.res.conv2.out_channels
 
 
 def sample_pixels(

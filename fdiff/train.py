@@ -108,12 +108,9 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def _draw_batch(dataset, batch_size: int, gen: torch.Generator) -> Tensor:
-    idx = torch.randint(len(dataset), (batch_size,), generator=gen).tolist()
-    if hasattr(dataset, "batch"):
-        items = dataset.batch(idx)
-        return items["image"] if isinstance(items, dict) else items
-    items = [dataset[i] for i in idx]
-    return torch.stack([it["image"] if isinstance(it, dict) else it for it in items])
+    from .data import stack_images
+
+    return stack_images(dataset, torch.randint(len(dataset), (batch_size,), generator=gen).tolist())
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:
