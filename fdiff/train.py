@@ -306,7 +306,12 @@ def build_model(kind: str, profile, **factorized) -> nn.Module:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines a trained model: what a checkpoint's name stands for."""
+    """Everything that determines a trained model: what a checkpoint's name stands for.
+
+    ``dataset``: ``"shapes"`` (the built-in data, the profile's ``num_train_images``) or a real
+    dataset of :data:`~fdiff.data.DATASET_NAMES`, trained on all but its test split at the
+    profile's resolution. Where its files live is not part of the recipe.
+    """
 
     kind: str
     profile: str
@@ -317,9 +322,17 @@ class Recipe:
     num_regions: int = 2  # the factorized model's K and ablation variant
     mode: str = "multiply"
     shared_decoder: bool = True
+    dataset: str = "shapes"
 
-    def parts(self):
-        from .data import ShapesDataset
+    def __post_init__(self):
+        from .data import DATASET_NAMES
+
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}: expected one of {list(DATASET_NAMES)}"
+            )
+
+    def _model_schedule_config(self):
         from .profiles import get_profile
 
         profile = get_profile(self.profile)
@@ -332,7 +345,6 @@ class Recipe:
             shared_decoder=self.shared_decoder,
         )
         schedule = NoiseSchedule(self.schedule, profile.num_timesteps)
-        data = ShapesDataset(profile.num_train_images, profile.image_size, seed=self.seed)
         config = TrainConfig(
             steps=self.steps or profile.train_steps,
             batch_size=profile.batch_size,
@@ -340,31 +352,55 @@ class Recipe:
             seed=self.seed,
             precision=self.precision,
         )
+        return profile, model, schedule, config
+
+    def data(self, root=None, download: bool = False, split: str = "train", progress=False):
+        """Return the recipe's images of ``split`` ("train" or "test")."""
+        from .data import ShapesDataset, load_dataset, training_images
+        from .profiles import get_profile
+
+        profile = get_profile(self.profile)
+        if self.dataset == "shapes":
+            n = profile.num_train_images if split == "train" else profile.num_test_images
+            return ShapesDataset(n, profile.image_size, seed=self.seed, split=split)
+        if split == "train":
+            return training_images(self.dataset, root, profile.image_size, download, progress)
+        return load_dataset(self.dataset, root, split, profile.image_size, download)
+
+    def parts(self, root=None, download: bool = False, progress: bool = False):
+        """Return (model, schedule, training data, TrainConfig), the model freshly seeded."""
+        _, model, schedule, config = self._model_schedule_config()
+        data = self.data(root, download, "train", progress)
         return model, schedule, data, config
 
     def digest(self) -> str:
         """Return a short hash of the recipe and the resulting configs (names cache files)."""
-        model, schedule, data, config = self.parts()
+        profile, model, schedule, config = self._model_schedule_config()
+        size = profile.num_train_images if self.dataset == "shapes" else None
         blob = json.dumps(
             [
                 asdict(self),
                 model.config.to_dict(),
                 schedule.config(),
                 asdict(config),
-                [len(data), data.image_size],
+                [size, profile.image_size],
             ],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def run_recipe(recipe: Recipe, resume: Path, progress: bool = True):
-    """Train the recipe's model (resuming from ``resume`` if it exists); return what to save."""
-    model, schedule, data, config = recipe.parts()
+def run_recipe(recipe: Recipe, resume: Path, progress: bool = True, root=None, download=False):
+    """Train the recipe's model (resuming from ``resume`` if it exists); return what to save.
+
+    ``root`` and ``download``: where a real dataset's files are, and whether to fetch them.
+    """
+    model, schedule, data, config = recipe.parts(root, download, progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     snapshot, tensors = None, {}
     if recipe.kind == "factorized":
-        snapshot, tensors = _partition_probe(schedule, data, device)
+        probe = recipe.data(root, download, "test")
+        snapshot, tensors = _partition_probe(schedule, probe, device)
     result = train(
         model.to(device),
         schedule,
@@ -381,6 +417,7 @@ def run_recipe(recipe: Recipe, resume: Path, progress: bool = True):
     extra = {
         "schedule": schedule.config(),
         "profile": recipe.profile,
+        "dataset": recipe.dataset,
         "steps": result.step,
         "seconds": round(result.seconds, 1),
         "device": str(device),
@@ -389,18 +426,17 @@ def run_recipe(recipe: Recipe, resume: Path, progress: bool = True):
     return result.ema.cpu(), extra, tensors
 
 
-def _partition_probe(schedule: NoiseSchedule, data, device: torch.device, num_images: int = 6):
+def _partition_probe(schedule: NoiseSchedule, probe_data, device: torch.device, num_images=6):
     """Return the snapshot function of a factorized model's training and the probe it uses.
 
-    The probe is the first held-out images of the built-in data with one fixed noise tensor;
-    each snapshot is the masks at :func:`~fdiff.factorized.snapshot_timesteps` as uint8
-    (0..255), shape (P, n_t, K, H, W).
+    The probe is the first ``num_images`` held-out images (``probe_data``, the test split)
+    with one fixed noise tensor; each snapshot is the masks at
+    :func:`~fdiff.factorized.snapshot_timesteps` as uint8 (0..255), shape (P, n_t, K, H, W).
     """
-    from .data import ShapesDataset
+    from .data import stack_images
     from .factorized import masks_over_t, snapshot_timesteps
 
-    probe = ShapesDataset(num_images, data.image_size, seed=data.seed, split="test")
-    x0 = probe.batch(list(range(num_images)))["image"]
+    x0 = stack_images(probe_data, range(min(num_images, len(probe_data))))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1234))
     ts = snapshot_timesteps(schedule.num_timesteps)
 
@@ -421,10 +457,21 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fdiff"
 
 
-def load_or_train(name: str, kind: str = "unet", profile=None, progress: bool = True):
+def load_or_train(
+    name: str,
+    kind: str = "unet",
+    profile=None,
+    progress: bool = True,
+    root=None,
+    download: bool = False,
+    **recipe,
+):
     """Return (model, metadata): the committed checkpoint ``name`` if it was trained for this
-    profile, else a cached self-trained one, else train it now (resumable) and cache it.
+    profile and recipe, else a cached self-trained one, else train it now (resumable) and
+    cache it.
 
+    ``recipe``: further :class:`Recipe` fields (``steps``, ``num_regions``, ``mode``,
+    ``shared_decoder``, ``dataset``...). ``root``/``download``: where a real dataset is.
     The cache file name includes a hash of the full recipe, so a stale file is never loaded.
     On Colab, point ``FDIFF_CACHE`` at Google Drive to keep checkpoints across disconnects.
     """
@@ -432,21 +479,32 @@ def load_or_train(name: str, kind: str = "unet", profile=None, progress: bool = 
     from .profiles import get_profile
 
     profile = profile or get_profile()
+    spec = Recipe(kind=kind, profile=profile.name, **recipe)
     entry = read_manifest().get(name)
-    if entry is not None and entry.get("profile") == profile.name:
+    if entry is not None and _entry_matches(entry, spec):
         return load_pretrained(name)
-    recipe = Recipe(kind=kind, profile=profile.name)
-    path = cache_dir() / "checkpoints" / f"{name}-{profile.name}-{recipe.digest()}.safetensors"
+    path = cache_dir() / "checkpoints" / f"{name}-{profile.name}-{spec.digest()}.safetensors"
     if not path.exists():
-        ema, extra, tensors = run_recipe(recipe, path.with_suffix(".resume"), progress=progress)
+        resume = path.with_suffix(".resume")
+        ema, extra, tensors = run_recipe(spec, resume, progress, root, download)
         save_model(path, ema, extra=extra, tensors=tensors)
-        path.with_suffix(".resume").unlink(missing_ok=True)
+        resume.unlink(missing_ok=True)
     return load_model(path)
+
+
+def _entry_matches(entry: dict, recipe: Recipe) -> bool:
+    """Whether a manifest entry was trained for ``recipe``'s profile, dataset and budget."""
+    if entry.get("profile") != recipe.profile:
+        return False
+    if entry.get("dataset", "shapes") != recipe.dataset:
+        return False
+    return recipe.steps is None or entry.get("steps") == recipe.steps
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train a model on the built-in data and publish its EMA weights to the manifest."""
     from .checkpoints import checkpoint_dir, register_checkpoint
+    from .data import DATASET_NAMES
 
     parser = argparse.ArgumentParser(prog="python -m fdiff.train", description=main.__doc__)
     parser.add_argument("--model", default="unet", choices=["unet", "factorized"])
@@ -469,6 +527,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="factorized model: one decoder per region (ablation)",
     )
+    parser.add_argument(
+        "--dataset",
+        default="shapes",
+        choices=DATASET_NAMES,
+        help="training images: the built-in shapes, or a real dataset (all but its test split)",
+    )
+    parser.add_argument("--data-root", default=None, help="real datasets' folder")
+    parser.add_argument("--download", action="store_true", help="fetch a missing real dataset")
     args = parser.parse_args(argv)
     command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -484,10 +550,11 @@ def main(argv: list[str] | None = None) -> None:
         num_regions=args.regions,
         mode=args.mode,
         shared_decoder=not args.unshared_decoders,
+        dataset=args.dataset,
     )
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
     resume = cache_dir() / "runs" / f"{args.name}.resume.safetensors"
-    ema, extra, tensors = run_recipe(recipe, resume)
+    ema, extra, tensors = run_recipe(recipe, resume, root=args.data_root, download=args.download)
     final = (Path(args.out_dir) if args.out_dir else checkpoint_dir()) / f"{args.name}.safetensors"
     save_model(final, ema, extra=extra, tensors=tensors)
     tail = extra["losses"][-100:]
@@ -498,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         duration_s=extra["seconds"],
         steps=extra["steps"],
         profile=recipe.profile,
+        dataset=recipe.dataset,
         schedule=extra["schedule"],
         device=extra["device"],
         precision=recipe.precision,

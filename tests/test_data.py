@@ -29,6 +29,7 @@ from fdiff.data import (
     DatasetNotFoundError,
     FashionMNIST,
     Flowers102,
+    InMemoryImages,
     OxfordPets,
     SegmentationDataset,
     ShapesDataset,
@@ -36,6 +37,7 @@ from fdiff.data import (
     flower_segmim_to_mask,
     load_dataset,
     pet_trimap_to_mask,
+    training_images,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -521,3 +523,64 @@ def test_wrappers_validate_image_size(tmp_path):
         FashionMNIST(tmp_path, image_size=4)
     with pytest.raises(TypeError, match="train"):
         FashionMNIST(tmp_path, train="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# Training on real images
+# --------------------------------------------------------------------------------------------
+
+
+def test_in_memory_images_keep_the_images_to_8_bits():
+    shapes = ShapesDataset(5, 16, split="test")
+    cached = InMemoryImages(shapes, progress=False)
+    assert len(cached) == 5 and cached.image_size == 16 and cached.images.dtype == torch.uint8
+    original = shapes.batch(range(5))["image"]
+    assert (cached.batch([0, 1, 2, 3, 4])["image"] - original).abs().max() <= 0.5 / 127.5 + 1e-6
+    torch.testing.assert_close(cached[3]["image"], cached.batch([3])["image"][0])
+    with pytest.raises(IndexError):
+        cached.batch([5])
+    with pytest.raises(ValueError, match="at least one image"):
+        InMemoryImages(torch.utils.data.Subset(shapes, []), progress=False)
+
+
+def test_training_images_use_every_split_but_test(tmp_path, skip_md5):
+    make_pets(tmp_path)
+    make_flowers(tmp_path)
+    pets = training_images("pets", tmp_path, image_size=16, progress=False)
+    assert len(pets) == 3  # trainval
+    torch.testing.assert_close(
+        pets[0]["image"], OxfordPets(tmp_path, image_size=16)[0]["image"], atol=0.5 / 127.5,
+        rtol=0)
+    flowers = training_images("flowers", tmp_path, image_size=16, progress=False)
+    assert len(flowers) == 4  # train + val, not the 2 test images
+    with pytest.raises(ValueError, match="real dataset"):
+        training_images("shapes")
+    with pytest.raises(DatasetNotFoundError, match="download=True"):
+        training_images("pets", tmp_path / "nowhere", progress=False)
+
+
+def test_the_training_command_trains_a_factorized_model_on_stand_in_pets(tmp_path, monkeypatch):
+    from fdiff.checkpoints import load_model, read_manifest
+    from fdiff.train import main
+
+    root = make_pets(tmp_path / "data")
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ckpt"
+    main(["--model", "factorized", "--profile", "ci", "--dataset", "pets", "--data-root",
+          str(root), "--steps", "2", "--name", "pets_test", "--out-dir", str(out)])
+    entry = read_manifest(out)["pets_test"]
+    assert entry["dataset"] == "pets" and entry["steps"] == 2
+    model, meta = load_model(out / "pets_test.safetensors")
+    probe = meta["tensors"]["snapshot_images"]  # the test split's two images
+    expected = torch.stack([OxfordPets(root, "test", 16)[i]["image"] for i in range(2)])
+    torch.testing.assert_close(probe, expected)
+    assert meta["dataset"] == "pets" and model.config.num_regions == 2
+
+
+def test_the_training_command_says_where_a_missing_dataset_should_be(tmp_path, monkeypatch):
+    from fdiff.train import main
+
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DatasetNotFoundError, match="oxford-iiit-pet"):
+        main(["--profile", "ci", "--dataset", "pets", "--data-root", str(tmp_path / "none"),
+              "--steps", "1", "--name", "x", "--out-dir", str(tmp_path)])

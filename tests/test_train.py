@@ -210,7 +210,7 @@ def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run(recipe, resume, progress=True):
+    def fake_run(recipe, resume, progress=True, root=None, download=False):
         seen["recipe"] = recipe
         raise SystemExit(0)
 
@@ -221,3 +221,24 @@ def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
                            "--regions", "4", "--mode", "mask_mid", "--unshared-decoders"])
     r = seen["recipe"]
     assert (r.num_regions, r.mode, r.shared_decoder) == (4, "mask_mid", False)
+    assert r.dataset == "shapes"
+
+
+def test_recipes_name_their_dataset_and_refuse_unknown_ones():
+    from fdiff.train import Recipe
+
+    assert Recipe("unet", "ci", dataset="pets").digest() != Recipe("unet", "ci").digest()
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        Recipe("unet", "ci", dataset="imagenet")
+
+
+def test_a_committed_checkpoint_is_used_only_for_its_own_recipe():
+    from fdiff.train import Recipe, _entry_matches
+
+    entry = {"profile": "cpu", "steps": 500}  # written before entries named their dataset
+    assert _entry_matches(entry, Recipe("factorized", "cpu"))
+    assert _entry_matches(entry, Recipe("factorized", "cpu", steps=500))
+    assert not _entry_matches(entry, Recipe("factorized", "cpu", steps=3))
+    assert not _entry_matches(entry, Recipe("factorized", "ci"))
+    assert not _entry_matches(entry, Recipe("factorized", "cpu", dataset="pets"))
+    assert _entry_matches({**entry, "dataset": "pets"}, Recipe("unet", "cpu", dataset="pets"))
