@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "confusion",
     "foreground_scores",
+    "merge_regions",
     "hungarian_miou",
     "adjusted_rand_index",
     "fg_ari",
@@ -74,6 +75,24 @@ def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict
     acc = (tp[best] + (conf[:, 0].sum() - fp[best])) / total
     dice = 2 * tp[best] / (2 * tp[best] + fp[best] + fn[best]).clamp(min=1)
     return {"accuracy": float(acc), "iou": float(iou[best]), "dice": float(dice), "region": best}
+
+
+def merge_regions(pred: Tensor, fg: Tensor) -> Tensor:
+    """Merge K predicted regions into foreground/background with the truth's help, per image.
+
+    A region becomes foreground when most of its (non-ignored) pixels are true foreground. This
+    is an oracle: it scores how well a partition into K > 2 regions *could* be read as
+    foreground and background, an upper bound comparable across K. Returns (B, H, W) int64 in
+    {0, 1}.
+    """
+    _check_labels(pred, fg)
+    k = int(pred.max()) + 1 if pred.numel() else 1
+    out = torch.zeros_like(pred, dtype=torch.int64)
+    for i, (p, f) in enumerate(zip(pred, fg)):
+        conf = confusion(p[None], f[None].clamp(max=1), k, 2)  # (K, 2): [region, bg/fg]
+        is_fg = conf[:, 1] > conf[:, 0]
+        out[i] = is_fg[p.long()].long()
+    return out
 
 
 def miou(pred: Tensor, target: Tensor, num_classes: int) -> tuple[float, list[float]]:

@@ -116,3 +116,19 @@ def test_miou_by_hand():
     # class 0: inter 1, union 2; class 1: inter 2, union 3; class 2: 2/2; class 3 absent
     assert per[:3] == pytest.approx([0.5, 2 / 3, 1.0]) and math.isnan(per[3])
     assert mean == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+
+
+def test_merge_regions_by_hand():
+    from fdiff.metrics import merge_regions
+
+    # four regions; the truth's foreground is the right half. Region 1 is mostly foreground,
+    # region 2 half and half (stays background), region 3 all foreground.
+    pred = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 3], [0, 0, 1, 3]]])
+    fg = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]]])
+    expected = torch.tensor([[[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]]])
+    assert torch.equal(merge_regions(pred, fg), expected)
+    # a second image with other ids is merged on its own
+    two = merge_regions(torch.stack([pred[0], 3 - pred[0]]), torch.cat([fg, fg]))
+    assert torch.equal(two, torch.cat([expected, expected]))
+    # two regions that are exactly foreground and background merge to the truth
+    assert torch.equal(merge_regions(1 - fg, fg), fg)
