@@ -16,6 +16,7 @@ import math
 import operator
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ __all__ = [
     "stack_images",
     "InMemoryImages",
     "training_images",
+    "ForegroundClasses",
+    "LabelledData",
+    "labelled_data",
     "pet_trimap_to_mask",
     "flower_segmim_to_mask",
 ]
@@ -865,3 +869,64 @@ def training_images(
     parts = [load_dataset(name, root, s, image_size, download) for s in _TRAINING_SPLITS[name]]
     data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     return InMemoryImages(data, progress=progress, desc=f"decoding {name} at {image_size} px")
+
+
+class ForegroundClasses(Dataset):
+    """A real dataset's foreground masks seen as two semantic classes: background and ``name``.
+
+    Items gain ``semantic`` (int64 (S, S): 0 background, 1 foreground, -1 ignored), the key the
+    probing code reads, so that a chapter written for the built-in classes runs unchanged.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, name: str = "foreground") -> None:
+        if not getattr(dataset, "has_masks", True):
+            raise ValueError(f"{type(dataset).__name__} has no masks to turn into classes")
+        self.dataset = dataset
+        self.CLASS_NAMES = ("background", name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = self.dataset[index]
+        return {"image": item["image"], "mask": item["mask"], "semantic": item["mask"]}
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        items = [self[i] for i in indices]
+        return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask", "semantic")}
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """The data of a chapter that trains on labels: ``dataset`` is the name the diffusion
+    models are trained on (:class:`~fdiff.train.Recipe`), ``train``/``test`` yield ``image``
+    and ``semantic``, ``class_names`` lists the semantic classes (background first)."""
+
+    dataset: str
+    train: Any
+    test: Any
+    class_names: tuple[str, ...]
+
+
+def labelled_data(profile, dataset: str | None = None, root=None, download: bool = False):
+    """Return the :class:`LabelledData` of a profile: by default the built-in shapes with their
+    six classes in ``ci`` and ``cpu``, and Oxford-IIIT Pets (background, pet) in ``gpu``.
+
+    ``dataset`` overrides the choice (``"shapes"``, ``"pets"`` or ``"flowers"``); the real
+    ones are read at the profile's resolution from ``root`` (see :func:`load_dataset`).
+    """
+    if dataset is None:
+        dataset = "pets" if profile.name == "gpu" else "shapes"
+    size = profile.image_size
+    if dataset == "shapes":
+        train = ShapesDataset(profile.num_train_images, size, split="train")
+        test = ShapesDataset(profile.num_test_images, size, split="test")
+        return LabelledData("shapes", train, test, ShapesDataset.CLASS_NAMES)
+    names = {"pets": "pet", "flowers": "flower"}
+    if dataset not in names:
+        raise ValueError(f"labelled_data supports shapes, pets and flowers, got {dataset!r}")
+    train, test = (
+        ForegroundClasses(load_dataset(dataset, root, split, size, download), names[dataset])
+        for split in ("train", "test")
+    )
+    return LabelledData(dataset, train, test, train.CLASS_NAMES)

@@ -29,12 +29,14 @@ from fdiff.data import (
     DatasetNotFoundError,
     FashionMNIST,
     Flowers102,
+    ForegroundClasses,
     InMemoryImages,
     OxfordPets,
     SegmentationDataset,
     ShapesDataset,
     default_data_root,
     flower_segmim_to_mask,
+    labelled_data,
     load_dataset,
     pet_trimap_to_mask,
     training_images,
@@ -584,3 +586,48 @@ def test_the_training_command_says_where_a_missing_dataset_should_be(tmp_path, m
     with pytest.raises(DatasetNotFoundError, match="oxford-iiit-pet"):
         main(["--profile", "ci", "--dataset", "pets", "--data-root", str(tmp_path / "none"),
               "--steps", "1", "--name", "x", "--out-dir", str(tmp_path)])
+
+
+def test_labelled_data_follows_the_profile(tmp_path):
+    from fdiff.profiles import get_profile
+
+    ci = get_profile("ci")
+    shapes = labelled_data(ci)
+    assert shapes.dataset == "shapes" and shapes.class_names == ShapesDataset.CLASS_NAMES
+    assert len(shapes.train) == ci.num_train_images and len(shapes.test) == ci.num_test_images
+    assert set(shapes.test.batch([0, 1])) >= {"image", "semantic"}
+    # gpu: Oxford-IIIT Pets, whose foreground masks become the classes (background, pet)
+    root = make_pets(tmp_path)
+    pets = labelled_data(get_profile("gpu"), root=root)
+    assert pets.dataset == "pets" and pets.class_names == ("background", "pet")
+    assert (len(pets.train), len(pets.test)) == (3, 2)
+    batch = pets.test.batch([0, 1])
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["semantic"].dtype == torch.int64
+    truth = OxfordPets(root, "test", 64)[1]["mask"]
+    assert torch.equal(batch["semantic"][1], truth) and torch.equal(pets.test[1]["semantic"], truth)
+    with pytest.raises(ValueError, match="shapes, pets and flowers"):
+        labelled_data(ci, dataset="celeba")
+    with pytest.raises(DatasetNotFoundError, match="download=True"):
+        labelled_data(get_profile("gpu"), root=tmp_path / "nowhere")
+
+
+def test_foreground_classes_need_masks(tmp_path, skip_md5):
+    make_celeba(tmp_path)
+    with pytest.raises(ValueError, match="no masks"):
+        ForegroundClasses(CelebA(tmp_path, image_size=16))
+
+
+def test_pixel_probing_reads_the_foreground_classes_of_a_real_dataset(tmp_path):
+    from fdiff.features import sample_pixels
+    from fdiff.metrics import miou
+    from fdiff.probing import ProbeConfig, ProbeEnsemble, predict_images
+    from fdiff.profiles import get_profile
+
+    pets = labelled_data(get_profile("ci"), dataset="pets", root=make_pets(tmp_path))
+    X, y = sample_pixels(lambda images: images, pets.train, [0, 1, 2], progress=False)
+    assert X.shape == (3 * 16 * 16, 3) and set(y.tolist()) == {0, 1}
+    probe = ProbeEnsemble(3, 2, ProbeConfig(ensemble_size=2, max_epochs=2)).fit(X, y)
+    batch = pets.test.batch([0, 1])
+    pred, unc = predict_images(lambda images: images, probe, batch["image"])
+    assert pred.shape == unc.shape == batch["semantic"].shape
+    assert 0 <= miou(pred, batch["semantic"], 2)[0] <= 1
