@@ -908,13 +908,19 @@ class LabelledData:
     class_names: tuple[str, ...]
 
 
+DATASET_ENV_VAR = "FDIFF_DATASET"
+
+
 def labelled_data(profile, dataset: str | None = None, root=None, download: bool = False):
     """Return the :class:`LabelledData` of a profile: by default the built-in shapes with their
     six classes in ``ci`` and ``cpu``, and Oxford-IIIT Pets (background, pet) in ``gpu``.
 
-    ``dataset`` overrides the choice (``"shapes"``, ``"pets"`` or ``"flowers"``); the real
-    ones are read at the profile's resolution from ``root`` (see :func:`load_dataset`).
+    ``dataset`` (else ``$FDIFF_DATASET``) overrides the choice: ``"shapes"``, ``"pets"`` or
+    ``"flowers"``. The real ones are read at the profile's resolution from ``root`` (see
+    :func:`load_dataset`); their test split is cut to the profile's ``num_test_images``.
     """
+    if dataset is None:
+        dataset = os.environ.get(DATASET_ENV_VAR, "").strip().lower() or None
     if dataset is None:
         dataset = "pets" if profile.name == "gpu" else "shapes"
     size = profile.image_size
@@ -924,9 +930,14 @@ def labelled_data(profile, dataset: str | None = None, root=None, download: bool
         return LabelledData("shapes", train, test, ShapesDataset.CLASS_NAMES)
     names = {"pets": "pet", "flowers": "flower"}
     if dataset not in names:
-        raise ValueError(f"labelled_data supports shapes, pets and flowers, got {dataset!r}")
-    train, test = (
-        ForegroundClasses(load_dataset(dataset, root, split, size, download), names[dataset])
-        for split in ("train", "test")
-    )
+        raise ValueError(
+            f"labelled_data supports shapes, pets and flowers, got {dataset!r} "
+            f"(from the dataset argument or ${DATASET_ENV_VAR})"
+        )
+    train_split = load_dataset(dataset, root, "train", size, download)
+    test_split = load_dataset(dataset, root, "test", size, download)
+    if len(test_split) > profile.num_test_images:
+        test_split = torch.utils.data.Subset(test_split, range(profile.num_test_images))
+    train = ForegroundClasses(train_split, names[dataset])
+    test = ForegroundClasses(test_split, names[dataset])
     return LabelledData(dataset, train, test, train.CLASS_NAMES)

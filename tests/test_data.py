@@ -7,6 +7,7 @@ network.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import urllib.request
@@ -588,8 +589,10 @@ def test_the_training_command_says_where_a_missing_dataset_should_be(tmp_path, m
               "--steps", "1", "--name", "x", "--out-dir", str(tmp_path)])
 
 
-def test_labelled_data_follows_the_profile(tmp_path):
+def test_labelled_data_follows_the_profile(tmp_path, monkeypatch):
     from fdiff.profiles import get_profile
+
+    monkeypatch.delenv("FDIFF_DATASET", raising=False)
 
     ci = get_profile("ci")
     shapes = labelled_data(ci)
@@ -607,6 +610,15 @@ def test_labelled_data_follows_the_profile(tmp_path):
     assert torch.equal(batch["semantic"][1], truth) and torch.equal(pets.test[1]["semantic"], truth)
     with pytest.raises(ValueError, match="shapes, pets and flowers"):
         labelled_data(ci, dataset="celeba")
+    # the environment chooses too; the test split is cut to the profile's size
+    monkeypatch.setenv("FDIFF_DATASET", "pets")
+    small = dataclasses.replace(ci, num_test_images=1)
+    chosen = labelled_data(small, root=root)
+    assert chosen.dataset == "pets" and len(chosen.test) == 1 and len(chosen.train) == 3
+    monkeypatch.setenv("FDIFF_DATASET", "imagenet")
+    with pytest.raises(ValueError, match="FDIFF_DATASET"):
+        labelled_data(ci)
+    monkeypatch.delenv("FDIFF_DATASET")
     with pytest.raises(DatasetNotFoundError, match="download=True"):
         labelled_data(get_profile("gpu"), root=tmp_path / "nowhere")
 
