@@ -81,9 +81,9 @@ def merge_regions(pred: Tensor, fg: Tensor) -> Tensor:
     """Merge K predicted regions into foreground/background with the truth's help, per image.
 
     A region becomes foreground when most of its (non-ignored) pixels are true foreground. This
-    is an oracle: it scores how well a partition into K > 2 regions *could* be read as
-    foreground and background, an upper bound comparable across K. Returns (B, H, W) int64 in
-    {0, 1}.
+    is an oracle, and of all the ways to read the partition as foreground and background it is
+    the one with the highest pixel accuracy: the accuracy of the result is an upper bound for
+    the partition, comparable across K. Returns (B, H, W) int64 in {0, 1}.
     """
     _check_labels(pred, fg)
     k = int(pred.max()) + 1 if pred.numel() else 1

@@ -132,3 +132,19 @@ def test_merge_regions_by_hand():
     assert torch.equal(two, torch.cat([expected, expected]))
     # two regions that are exactly foreground and background merge to the truth
     assert torch.equal(merge_regions(1 - fg, fg), fg)
+
+
+def test_merge_regions_has_the_best_accuracy_of_any_reading():
+    import itertools
+
+    from fdiff.metrics import merge_regions
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 3, (4, 6, 6), generator=g)
+    fg = torch.randint(0, 2, (4, 6, 6), generator=g)
+    merged = merge_regions(pred, fg)
+    for i in range(4):
+        best = (merged[i] == fg[i]).float().mean()
+        for reading in itertools.product([0, 1], repeat=3):  # every region -> class assignment
+            other = torch.tensor(reading)[pred[i]]
+            assert (other == fg[i]).float().mean() <= best + 1e-9
