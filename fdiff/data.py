@@ -893,7 +893,8 @@ class ForegroundClasses(Dataset):
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         items = [self[i] for i in indices]
-        return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask", "semantic")}
+        keys = ("image", "mask", "semantic")
+        return {key: torch.stack([it[key] for it in items]) for key in keys}
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ def test_chapter_runs_on_stand_in_pets(chapter, tmp_path, monkeypatch):
     # the chapter says what it ran on: ch3 names the dataset, ch4 its classes
     assert "pets: 10 held-out images" in text or "('background', 'pet')" in text
     # the models were trained on the stand-in pets, under their own names
-    names = {p.name.split("-")[0] for p in (tmp_path / "cache" / "checkpoints").glob("*.safetensors")}
+    trained = (tmp_path / "cache" / "checkpoints").glob("*.safetensors")
+    names = {p.name.split("-")[0] for p in trained}
     expected = {"factorized_pets"} if chapter.startswith("03") else {"ddpm_pets", "factorized_pets"}
     assert expected <= names
