@@ -40,6 +40,7 @@ __all__ = [
     "denoising_loss",
     "step_generator",
     "load_or_train",
+    "partition_snapshots",
     "Recipe",
 ]
 
@@ -431,7 +432,9 @@ def _partition_probe(schedule: NoiseSchedule, probe_data, device: torch.device, 
 
     The probe is the first ``num_images`` held-out images (``probe_data``, the test split)
     with one fixed noise tensor; each snapshot is the masks at
-    :func:`~fdiff.factorized.snapshot_timesteps` as uint8 (0..255), shape (P, n_t, K, H, W).
+    :func:`~fdiff.factorized.snapshot_timesteps` as uint8 (0..255) of all regions but the last,
+    shape (P, n_t, K - 1, H, W): the masks sum to one, so the last is implied and storing it
+    would only make checkpoints bigger. :func:`partition_snapshots` restores it.
     """
     from .data import stack_images
     from .factorized import masks_over_t, snapshot_timesteps
@@ -442,13 +445,27 @@ def _partition_probe(schedule: NoiseSchedule, probe_data, device: torch.device, 
 
     def snapshot(model: nn.Module) -> Tensor:
         masks = masks_over_t(model, schedule, x0.to(device), ts, noise.to(device))
-        return (masks.float() * 255).round().to(torch.uint8)
+        return (masks[:, :, :-1].float() * 255).round().to(torch.uint8)
 
     tensors = {
         "snapshot_images": x0,
         "snapshot_timesteps": torch.tensor(ts, dtype=torch.int64),
     }
     return snapshot, tensors
+
+
+def partition_snapshots(tensors: dict[str, Tensor]) -> Tensor:
+    """Return a factorized checkpoint's training snapshots with every region's mask.
+
+    ``tensors``: the ``meta["tensors"]`` of the checkpoint. Returns uint8 (S, P, n_t, K, H, W)
+    in 0..255 (S snapshots of P probe images at n_t timesteps): the stored K - 1 masks and the
+    last one as 255 minus their sum, so the K masks sum to 255 exactly.
+    """
+    if "snapshot_masks" not in tensors:
+        raise KeyError("no partition snapshots here: only factorized training records them")
+    head = tensors["snapshot_masks"]
+    last = (255 - head.int().sum(dim=3, keepdim=True)).clamp(0, 255).to(torch.uint8)
+    return torch.cat([head, last], dim=3)
 
 
 def cache_dir() -> Path:
