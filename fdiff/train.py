@@ -9,7 +9,8 @@ Command line (the committed checkpoints were made this way; see data/checkpoints
 
     python -m fdiff.train --model unet --profile cpu --name ddpm_shapes --precision bf16
 
-Interrupted, the same command resumes from ``$FDIFF_CACHE/runs/<name>.resume.safetensors``.
+Interrupted, the same command resumes from ``$FDIFF_CACHE/runs/<name>-<hash>.resume.safetensors``
+(the hash names the recipe without its step count, so a larger ``--steps`` extends the run).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -374,16 +375,23 @@ class Recipe:
         data = self.data(root, download, "train", progress)
         return model, schedule, data, config
 
-    def digest(self) -> str:
-        """Return a short hash of the recipe and the resulting configs (names cache files)."""
+    def digest(self, with_steps: bool = True) -> str:
+        """Return a short hash of the recipe and the resulting configs (names cache files).
+
+        ``with_steps=False`` leaves the step budget out: it names a training run, which the
+        same command with more steps extends.
+        """
         profile, model, schedule, config = self._model_schedule_config()
         size = profile.num_train_images if self.dataset == "shapes" else None
+        # The resolved step count, so that "the profile's steps" and the same number given
+        # explicitly name one recipe.
+        steps = config.steps if with_steps else None
         blob = json.dumps(
             [
-                asdict(self),
+                asdict(replace(self, steps=steps)),
                 model.config.to_dict(),
                 schedule.config(),
-                asdict(config),
+                asdict(replace(config, steps=steps or 1)),
                 [size, profile.image_size],
             ],
             sort_keys=True,
@@ -570,7 +578,9 @@ def main(argv: list[str] | None = None) -> None:
         dataset=args.dataset,
     )
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
-    resume = cache_dir() / "runs" / f"{args.name}.resume.safetensors"
+    # Named by the recipe too: a changed flag starts a new run instead of resuming another.
+    run_name = f"{args.name}-{recipe.digest(with_steps=False)}"
+    resume = cache_dir() / "runs" / f"{run_name}.resume.safetensors"
     ema, extra, tensors = run_recipe(recipe, resume, root=args.data_root, download=args.download)
     final = (Path(args.out_dir) if args.out_dir else checkpoint_dir()) / f"{args.name}.safetensors"
     save_model(final, ema, extra=extra, tensors=tensors)

@@ -157,9 +157,12 @@ def test_load_or_train_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
 
 
 def test_recipe_digest_changes_with_the_recipe():
+    from fdiff.profiles import get_profile
     from fdiff.train import Recipe
 
+    steps = get_profile("ci").train_steps
     assert Recipe("unet", "ci").digest() == Recipe("unet", "ci").digest()
+    assert Recipe("unet", "ci").digest() == Recipe("unet", "ci", steps=steps).digest()
     assert Recipe("unet", "ci").digest() != Recipe("unet", "ci", steps=5).digest()
     assert Recipe("unet", "ci").digest() != Recipe("unet", "ci", schedule="linear").digest()
 
@@ -245,3 +248,28 @@ def test_a_committed_checkpoint_is_used_only_for_its_own_recipe():
     assert not _entry_matches(entry, Recipe("factorized", "ci"))
     assert not _entry_matches(entry, Recipe("factorized", "cpu", dataset="pets"))
     assert _entry_matches({**entry, "dataset": "pets"}, Recipe("unet", "cpu", dataset="pets"))
+
+
+def test_the_training_command_extends_its_own_run_and_resumes_no_other(tmp_path, monkeypatch):
+    from fdiff import train as train_module
+    from fdiff.checkpoints import load_model
+
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    resumes = []
+    real_run = train_module.run_recipe
+
+    def spy(recipe, resume, **kwargs):
+        resumes.append((resume, resume.exists()))
+        return real_run(recipe, resume, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_recipe", spy)
+    out = tmp_path / "out"
+    args = ["--profile", "ci", "--name", "m", "--out-dir", str(out), "--precision", "fp32"]
+    train_module.main([*args, "--steps", "2"])
+    first = load_model(out / "m.safetensors")[1]["losses"]
+    train_module.main([*args, "--steps", "3"])  # more steps: continues the same run
+    extended = load_model(out / "m.safetensors")[1]["losses"]
+    train_module.main([*args, "--steps", "3", "--seed", "1"])  # another recipe: a new run
+    (run_a, _), (run_b, resumed), (run_c, fresh_exists) = resumes
+    assert run_a == run_b and resumed and extended[:2] == first and len(extended) == 3
+    assert run_c != run_a and not fresh_exists
