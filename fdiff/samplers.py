@@ -25,6 +25,7 @@ __all__ = [
     "sample",
     "generate",
     "ddim_invert",
+    "regenerate",
     "per_sample_generators",
     "randn",
 ]
@@ -155,28 +156,38 @@ def sample(
     device: str | torch.device | None = None,
     xT: Tensor | None = None,
     clip_x0: bool = True,
+    t_start: int | None = None,
 ) -> Iterator[Step]:
     """Run the reverse process from x_T ~ N(0, I), yielding a :class:`Step` after every step.
 
     model: eps_theta(x_t, t). shape: (B, C, H, W). method: "ddpm" (all T steps) or "ddim"
     (``num_steps`` steps, default 50). The last yielded ``xt`` is the sample, in about [-1, 1].
+    ``t_start``: start from step ``t_start`` instead of T - 1, with ``xT`` the images at that
+    step (DDIM then takes its grid's steps below ``t_start``); see :func:`regenerate`.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
+    T = schedule.num_timesteps
+    if t_start is not None:
+        if not isinstance(t_start, int) or not 0 <= t_start < T:
+            raise ValueError(f"t_start must be an int in [0, {T}), got {t_start!r}")
+        if xT is None:
+            raise ValueError("t_start needs xT, the images at step t_start")
     if device is None:
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
     xt = randn(shape, generator, device=device) if xT is None else xT
-    T = schedule.num_timesteps
     if method == "ddpm":
-        for t in reversed(range(T)):
+        for t in reversed(range(T if t_start is None else t_start + 1)):
             tt = _full_t(t, xt)
             eps = model(xt, tt).float()
             xt, x0 = ddpm_step(schedule, eps, tt, xt, generator=generator, clip_x0=clip_x0)
             yield Step(t, xt, x0)
         return
     steps = ddim_timesteps(T, num_steps or 50)
+    if t_start is not None:
+        steps = [t_start] + [t for t in steps if t < t_start]
     for t, t_prev in zip(steps, steps[1:] + [-1]):
         tt = _full_t(t, xt)
         eps = model(xt, tt).float()
@@ -197,6 +208,29 @@ def generate(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], **k
     """Run :func:`sample` to the end and return the final x_0 (B, C, H, W), clamped to [-1, 1]."""
     (last,) = deque(sample(model, schedule, shape, **kwargs), maxlen=1)  # keep only the end
     return last.xt.clamp(-1, 1)
+
+
+def regenerate(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    t_start: int,
+    noise: Tensor | None = None,
+    generator: Generator = None,
+    **kwargs,
+) -> Tensor:
+    """Noise images to step ``t_start``, then run the reverse process back to a clean image.
+
+    This is SDEdit (Meng et al., ICLR 2022): what the model can rebuild from the signal left at
+    ``t_start`` comes back, the rest is replaced by what the model finds likely. x0: (B, C, H, W)
+    in [-1, 1]; ``noise`` (same shape) or ``generator`` draws the forward noise; ``kwargs`` go
+    to :func:`sample` (method, num_steps, eta...). Returns (B, C, H, W) in [-1, 1].
+    """
+    if noise is None:
+        noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
+    tt = torch.full((x0.shape[0],), int(t_start), dtype=torch.int64, device=x0.device)
+    xt = schedule.add_noise(x0, noise, tt)
+    return generate(model, schedule, x0.shape, xT=xt, t_start=t_start, **kwargs)
 
 
 @torch.no_grad()

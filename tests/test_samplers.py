@@ -9,6 +9,7 @@ from fdiff.samplers import (
     ddpm_step,
     generate,
     per_sample_generators,
+    regenerate,
     sample,
 )
 from fdiff.schedules import NoiseSchedule
@@ -127,3 +128,42 @@ def test_sampler_bad_inputs():
         ddim_timesteps(100, 0)
     with pytest.raises(ValueError, match="generators"):
         next(sample(model, s, (3, 3, 4, 4), generator=per_sample_generators(0, 2)))
+    with pytest.raises(ValueError, match="t_start must be an int in"):
+        next(sample(model, s, (1, 3, 4, 4), xT=torch.zeros(1, 3, 4, 4), t_start=100))
+    with pytest.raises(ValueError, match="t_start needs xT"):
+        next(sample(model, s, (1, 3, 4, 4), t_start=10))
+
+
+def test_a_late_start_takes_the_remaining_steps():
+    s = NoiseSchedule("linear", 100)
+    model = PointOracle(s, torch.zeros(1, 3, 4, 4))
+    xt = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ddim = list(sample(model, s, xt.shape, method="ddim", num_steps=10, xT=xt, t_start=45))
+    ddpm = list(sample(model, s, xt.shape, method="ddpm", xT=xt, t_start=45))
+    assert [st.t for st in ddim] == [40, 30, 20, 10, 0, -1]
+    assert len(ddpm) == 46 and ddpm[-1].t == 0
+    # Starting at the first step of the full run is the full run.
+    for method in ("ddpm", "ddim"):
+        full = generate(model, s, xt.shape, method=method, num_steps=10, xT=xt,
+                        generator=torch.Generator().manual_seed(1))
+        start = 99 if method == "ddpm" else 90
+        late = generate(model, s, xt.shape, method=method, num_steps=10, xT=xt, t_start=start,
+                        generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(late, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_regenerate_rebuilds_what_the_model_knows(method):
+    s = NoiseSchedule("cosine", 1000)
+    x_star = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    model = PointOracle(s, x_star)
+    # The exact model of a one-image distribution rebuilds that image from any step...
+    for t_start in (100, 600, 999):
+        out = regenerate(model, s, x_star, t_start, generator=torch.Generator().manual_seed(2),
+                         method=method, num_steps=20)
+        torch.testing.assert_close(out, x_star, atol=1e-3, rtol=0)
+    # ...and turns any other image into it: regeneration shows the model, not the input.
+    other = torch.zeros_like(x_star)
+    out = regenerate(model, s, other, 600, generator=torch.Generator().manual_seed(2),
+                     method=method, num_steps=20)
+    torch.testing.assert_close(out, x_star, atol=1e-3, rtol=0)
