@@ -8,6 +8,7 @@ what its architecture costs and nothing more.
 
     python benchmarks/factorized_overhead.py                 # cpu profile: 32 px, batch 64
     python benchmarks/factorized_overhead.py --profile ci --rounds 2
+    python benchmarks/factorized_overhead.py --regions 2 --mask-channels 32   # width's effect
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--regions", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--mask-channels",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time K = 2 with the mask generator at these base widths (default: half the "
+        "U-Net's), to see how its width changes the time per FLOP",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -67,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     for k in args.regions:
         models[f"factorized K={k}"] = FactorizedDenoiser(FactorizedConfig(cfg, num_regions=k))
         batches[f"factorized K={k}"] = inputs
+    for width in args.mask_channels:
+        name = f"K=2, mask width {width}"
+        config = FactorizedConfig(cfg, num_regions=2, mask_channels=width)
+        models[name], batches[name] = FactorizedDenoiser(config), inputs
     # Reference: the plain U-Net on K times the batch, i.e. how this machine's step time scales
     # with batch size alone. The factorized decoder runs on K * batch images.
     for k in args.regions:
