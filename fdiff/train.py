@@ -170,6 +170,11 @@ def train(
     Returns a :class:`TrainResult`; the EMA model is the one to sample from.
     """
     device = next(model.parameters()).device
+    # Convolutions in channels-last layout: on a 2-core CPU a training step of the cpu profile's
+    # U-Net is about 1.2x faster and the factorized model's 1.3x, whose narrow mask-generator
+    # convolutions suffer most from the default layout (benchmarks/factorized_overhead.py).
+    # Only the layout of 4-D tensors changes, the same in a resumed run, so resuming stays exact.
+    model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     result = TrainResult(model=model, ema=ema)
@@ -220,7 +225,7 @@ def train(
             x0 = _draw_batch(dataset, config.batch_size, gen)
             t = torch.randint(schedule.num_timesteps, (config.batch_size,), generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
-            x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+            x0, t, eps = _to_channels_last(x0, device), t.to(device), _to_channels_last(eps, device)
             lr = config.lr * min(1.0, (result.step + 1) / max(1, config.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -261,6 +266,11 @@ def train(
         bar.close()
         model.eval()
     return result
+
+
+def _to_channels_last(x: Tensor, device: torch.device) -> Tensor:
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config: TrainConfig):

@@ -55,6 +55,22 @@ def test_training_reduces_the_loss_and_ema_moves():
     assert all(moved)
 
 
+def test_training_runs_in_channels_last_and_checkpoints_restore_the_values(tmp_path):
+    from fdiff.checkpoints import load_model, save_model
+
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=1, precision="fp32")
+    res = train(_model(), NoiseSchedule("linear", 100), Images(), cfg, progress=False)
+    convs = [p for p in res.model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in res.ema.parameters() if p.ndim == 4)
+    save_model(tmp_path / "m.safetensors", res.ema)
+    loaded, _ = load_model(tmp_path / "m.safetensors")
+    x, t = Images().x[:2], torch.tensor([5, 50])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), res.ema(x, t), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
