@@ -9,6 +9,11 @@ what its architecture costs and nothing more.
     python benchmarks/factorized_overhead.py                 # cpu profile: 32 px, batch 64
     python benchmarks/factorized_overhead.py --profile ci --rounds 2
     python benchmarks/factorized_overhead.py --regions 2 --mask-channels 32   # width's effect
+    python benchmarks/factorized_overhead.py --memory-format contiguous   # the default layout
+
+Models and images are in channels-last layout by default, as in ``fdiff.train``: with the
+default (contiguous) layout the mask generator's narrow convolutions cost more time per FLOP
+than the rest of the model, and the step-time ratio exceeds the FLOP ratio.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 
 # Imported first: it sets OMP_WAIT_POLICY before torch loads (see its comment).
 from train_throughput import (  # isort: skip
+    MEMORY_FORMATS,
     autocast,
     interleaved,
     make_inputs,
@@ -55,6 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--regions", type=int, nargs="+", default=[2, 4])
     parser.add_argument(
+        "--memory-format",
+        choices=tuple(MEMORY_FORMATS),
+        default="channels_last",
+        help="layout of weights and images (default channels_last, as fdiff.train)",
+    )
+    parser.add_argument(
         "--mask-channels",
         type=int,
         nargs="*",
@@ -88,11 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
-        f"profile {profile.name}: {profile.image_size} px, batch {batch}"
+        f"profile {profile.name}: {profile.image_size} px, batch {batch}, {args.memory_format}"
     )
     flops = {name: step_flops(m, *batches[name][0], args.precision) for name, m in models.items()}
     steps = {
-        name: make_train_step(m, batches[name], args.precision, lr=1e-4)
+        name: make_train_step(m, batches[name], args.precision, 1e-4, args.memory_format)
         for name, m in models.items()
     }
     times = interleaved(steps, warmup=2, rounds=args.rounds, per_block=args.steps_per_block)

@@ -134,11 +134,24 @@ def make_inputs(
     return out
 
 
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
 def make_train_step(
-    model: nn.Module, inputs: list[tuple[Tensor, Tensor, Tensor]], precision: str, lr: float
+    model: nn.Module,
+    inputs: list[tuple[Tensor, Tensor, Tensor]],
+    precision: str,
+    lr: float,
+    memory_format: str = "channels_last",
 ) -> Callable[[], None]:
-    """Return a closure running one training step on the next input batch."""
-    model.train()
+    """Return a closure running one training step on the next input batch.
+
+    ``memory_format``: the layout of the model's 4-D weights and of the images; fdiff.train uses
+    channels_last.
+    """
+    fmt = MEMORY_FORMATS[memory_format]
+    model.to(memory_format=fmt).train()
+    inputs = [(xt.contiguous(memory_format=fmt), t, eps) for xt, t, eps in inputs]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     counter = [0]
 
@@ -278,6 +291,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    p.add_argument(
+        "--memory-format",
+        choices=tuple(MEMORY_FORMATS),
+        default="channels_last",
+        help="layout of weights and images in training (default channels_last, as fdiff.train)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("rounds", "steps_per_block", "threads"):
@@ -325,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"timing: warmup 2 steps per model, then {args.rounds} rounds x "
         f"{args.steps_per_block} steps per model, interleaved; sampling: 1 short warmup, "
-        f"then {sample_rounds} rounds x 1 generation per model; median reported"
+        f"then {sample_rounds} rounds x 1 generation per model; median reported; training "
+        f"layout {args.memory_format}"
     )
     print(
         f"fdiff:     widths {cfg.widths()}, num_res_blocks {cfg.num_res_blocks}, attention at "
@@ -373,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         models = build_models(cfg, size, args.seed)
         inputs = make_inputs(batch, size, cfg.image_channels, schedule, args.seed)
         steps = {
-            name: make_train_step(m, inputs, precision, profile.learning_rate)
+            name: make_train_step(m, inputs, precision, profile.learning_rate, args.memory_format)
             for name, m in models.items()
         }
         times = interleaved(steps, warmup=2, rounds=args.rounds, per_block=args.steps_per_block)
