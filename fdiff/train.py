@@ -171,7 +171,7 @@ def train(
     """
     device = next(model.parameters()).device
     # Convolutions in channels-last layout: on a 2-core CPU a training step of the cpu profile's
-    # U-Net is about 1.2x faster and the factorized model's 1.3x, whose narrow mask-generator
+    # U-Net is 1.1-1.2x faster and the factorized model's 1.2-1.3x, whose narrow mask-generator
     # convolutions suffer most from the default layout (benchmarks/factorized_overhead.py).
     # Only the layout of 4-D tensors changes, the same in a resumed run, so resuming stays exact.
     model.to(memory_format=torch.channels_last)
