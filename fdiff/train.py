@@ -102,8 +102,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:
-    # On a 2-core AVX-512 CPU, bf16 autocast trained the book's 1 M-parameter U-Net 1.5x
-    # slower than fp32 (benchmarks/train_throughput.py), so "auto" uses it on GPUs only.
+    # "auto" uses bf16 on GPUs only. Whether it pays on a CPU depends on the CPU and on the
+    # memory layout: on this book's 2-core AVX-512 machine, bf16 trained the cpu profile's U-Net
+    # 1.5x slower than fp32 in the default layout, but 1.4x faster in channels-last layout, and
+    # the factorized model 1.4x faster (benchmarks/train_throughput.py, factorized_overhead.py).
+    # CPUs without native bf16 emulate it slowly, so on a CPU it is asked for with "bf16".
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
