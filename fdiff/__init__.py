@@ -23,8 +23,20 @@ The public API, by concept (one module each):
 from .profiles import describe_profile, get_profile
 from .samplers import ddim_invert, ddim_step, ddpm_step, generate, sample
 from .schedules import NoiseSchedule
-from .train import TrainConfig, load_or_train
 from .unet import UNet, UNetConfig
+
+# fdiff.train is imported on first use, so that ``python -m fdiff.train`` runs the module once
+# (importing it here would load it before runpy executes it as __main__, with a warning).
+_LAZY = {"TrainConfig": "train", "load_or_train": "train"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -289,3 +289,20 @@ def test_the_training_command_extends_its_own_run_and_resumes_no_other(tmp_path,
     (run_a, _), (run_b, resumed), (run_c, fresh_exists) = resumes
     assert run_a == run_b and resumed and extended[:2] == first and len(extended) == 3
     assert run_c != run_a and not fresh_exists
+
+
+def test_module_entry_point_runs_without_a_double_import_warning():
+    # The README's training command is `python -m fdiff.train`; the package must not import
+    # fdiff.train before runpy executes it, or Python warns about unpredictable behaviour.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "fdiff.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m fdiff.train" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr
