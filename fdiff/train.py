@@ -232,12 +232,16 @@ def train(
             lr = config.lr * min(1.0, (result.step + 1) / max(1, config.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_fn(model, schedule, x0, t, eps)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {result.step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # Whatever the model draws from the global generator (dropout, mask noise) is seeded
+            # by the step too, so a resumed run draws the same; the caller's state is restored.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn(model, schedule, x0, t, eps)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {result.step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             updating = True  # an interruption from here on would leave a half-updated state

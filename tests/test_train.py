@@ -94,6 +94,37 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_random_draws_inside_the_model_resume_exactly_and_spare_the_callers_generator(tmp_path):
+    # Dropout draws from torch's global generator; train() seeds it per step, inside a fork.
+    def dropout_model(seed=0):
+        torch.manual_seed(seed)
+        return UNet(dataclasses.replace(CFG, dropout=0.5))
+
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
+                      precision="fp32")
+    schedule, data = NoiseSchedule("linear", 100), Images()
+    straight = train(dropout_model(), schedule, data, cfg, progress=False)
+
+    def stop_at_3(step, result):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(dropout_model(), schedule, data, cfg, checkpoint=ckpt, progress=False,
+              callback=stop_at_3)
+    torch.manual_seed(999)  # a fresh process has another global state: resuming must not care
+    resumed = train(dropout_model(seed=4), schedule, data, cfg, checkpoint=ckpt, progress=False)
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    model = dropout_model()
+    state = torch.get_rng_state()
+    train(model, schedule, data, dataclasses.replace(cfg, steps=2), progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left where it was
+
+
 def test_snapshots_are_taken_on_schedule_and_survive_an_interruption(tmp_path):
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
                       precision="fp32")
