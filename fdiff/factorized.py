@@ -13,7 +13,9 @@ Trained only with the denoising loss; the masks are an unsupervised segmentation
 
 Variants exist only for the paper's ablations (chapter 3): ``mode="concat"`` gives the decoder
 the mask as extra input channels instead of multiplying, ``mode="mask_mid"`` also masks the middle
-features, ``shared_decoder=False`` uses one decoder per region.
+features, ``shared_decoder=False`` uses one decoder per region. ``mask_noise > 0`` is not in the
+paper: in training it adds Gumbel noise of that scale to the mask logits, which makes each
+pixel's masks close to one-hot (Gumbel-softmax), so the model cannot keep them undecided.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class FactorizedConfig:
     mask_channels: int | None = None  # base width of the mask generator; None: half the U-Net's
     mode: str = "multiply"
     shared_decoder: bool = True
+    mask_noise: float = 0.0  # scale of Gumbel noise on the mask logits in training; 0: none
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -57,6 +60,8 @@ class FactorizedConfig:
             raise ValueError(f"num_regions (K) must be an int >= 2, got {self.num_regions!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.mask_noise, (int, float)) or not self.mask_noise >= 0:
+            raise ValueError(f"mask_noise must be a number >= 0, got {self.mask_noise!r}")
         self.mask_config()  # validates the mask generator's widths
 
     def mask_config(self) -> UNetConfig:
@@ -118,7 +123,12 @@ class FactorizedDenoiser(nn.Module):
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)
         h = self.middle(skips[-1], emb)
-        masks = self.mask_decoder(h, skips, emb).float().softmax(dim=1)
+        logits = self.mask_decoder(h, skips, emb).float()
+        if self.training and self.config.mask_noise > 0:
+            # Gumbel-softmax: noise drawn from the global generator, which train() seeds per step.
+            u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+            logits = logits - self.config.mask_noise * torch.log(-torch.log(u))
+        masks = logits.softmax(dim=1)
         eps_k = self.decode_regions(h, skips, emb, masks.to(h.dtype))  # (B, K, C, H, W)
         eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)
         return (eps, masks) if return_masks else eps

@@ -307,7 +307,8 @@ def build_model(kind: str, profile, **factorized) -> nn.Module:
     """Return a freshly initialised model of ``kind`` sized by ``profile``.
 
     ``factorized``: :class:`~fdiff.factorized.FactorizedConfig` fields (``num_regions``,
-    ``mode``, ``shared_decoder``) for the factorized model and its ablation variants.
+    ``mode``, ``shared_decoder``, ``mask_noise``) for the factorized model and its ablation
+    variants.
     """
     from .factorized import FactorizedConfig, FactorizedDenoiser
     from .unet import UNet, UNetConfig
@@ -341,6 +342,7 @@ class Recipe:
     num_regions: int = 2  # the factorized model's K and ablation variant
     mode: str = "multiply"
     shared_decoder: bool = True
+    mask_noise: float = 0.0
     dataset: str = "shapes"
 
     def __post_init__(self):
@@ -362,6 +364,7 @@ class Recipe:
             num_regions=self.num_regions,
             mode=self.mode,
             shared_decoder=self.shared_decoder,
+            mask_noise=self.mask_noise,
         )
         schedule = NoiseSchedule(self.schedule, profile.num_timesteps)
         config = TrainConfig(
@@ -570,6 +573,12 @@ def main(argv: list[str] | None = None) -> None:
         help="factorized model: one decoder per region (ablation)",
     )
     parser.add_argument(
+        "--mask-noise",
+        type=float,
+        default=0.0,
+        help="factorized model: Gumbel noise on the mask logits in training (not in the paper)",
+    )
+    parser.add_argument(
         "--dataset",
         default="shapes",
         choices=DATASET_NAMES,
@@ -592,6 +601,7 @@ def main(argv: list[str] | None = None) -> None:
         num_regions=args.regions,
         mode=args.mode,
         shared_decoder=not args.unshared_decoders,
+        mask_noise=args.mask_noise,
         dataset=args.dataset,
     )
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).

@@ -89,6 +89,28 @@ def test_unshared_decoders_match_a_per_region_loop():
     assert len(model.decoders) == 2
 
 
+def test_mask_noise_randomises_training_masks_only():
+    noisy, plain = _model(2, mask_noise=1.0), _model(2)
+    xt, t = _xt(b=4)
+    torch.manual_seed(0)
+    _, m1 = noisy(xt, t, return_masks=True)
+    _, m2 = noisy(xt, t, return_masks=True)
+    assert not torch.equal(m1, m2)  # a fresh Gumbel draw per call in training
+    torch.testing.assert_close(m1.sum(1), torch.ones(4, 8, 8))
+    # Untrained logits are small, so the noise decides: many pixels are nearly one-hot.
+    _, m_plain = plain(xt, t, return_masks=True)
+    decided = [(m.max(1).values > 0.8).float().mean() for m in (m1, m_plain)]
+    assert decided[0] > 0.3 > decided[1]
+    noisy.eval()
+    plain.eval()
+    torch.testing.assert_close(noisy(xt, t, return_masks=True)[1],
+                               plain(xt, t, return_masks=True)[1], rtol=0, atol=0)
+    # Old checkpoints' configs have no mask_noise: they load as the paper's model.
+    d = plain.config.to_dict()
+    del d["mask_noise"]
+    assert FactorizedConfig.from_dict(d).mask_noise == 0.0
+
+
 def test_tiny_model_overfits_a_batch_and_its_masks_are_not_uniform():
     # Two images whose halves differ: the model must learn to denoise them, masks must move.
     torch.manual_seed(0)
@@ -197,6 +219,8 @@ def test_bad_inputs_raise_clear_errors():
         FactorizedConfig(UCFG, num_regions=2.0)
     with pytest.raises(ValueError, match="mode"):
         FactorizedConfig(UCFG, mode="add")
+    with pytest.raises(ValueError, match="mask_noise"):
+        FactorizedConfig(UCFG, mask_noise=-1.0)
     with pytest.raises(ValueError, match="divisible by groups"):
         FactorizedConfig(UCFG, mask_channels=12)
     model = _model(2)

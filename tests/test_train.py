@@ -249,9 +249,10 @@ def test_recipes_build_the_factorized_variants_and_refuse_them_for_a_unet():
     from fdiff.train import Recipe
 
     model = Recipe(kind="factorized", profile="ci", num_regions=3, mode="concat",
-                   shared_decoder=False).parts()[0]
+                   shared_decoder=False, mask_noise=0.5).parts()[0]
     cfg = model.config
-    assert (cfg.num_regions, cfg.mode, cfg.shared_decoder) == (3, "concat", False)
+    assert (cfg.num_regions, cfg.mode, cfg.shared_decoder, cfg.mask_noise) == (
+        3, "concat", False, 0.5)
     assert len(model.decoders) == 3
     assert Recipe("factorized", "ci", num_regions=3).digest() != Recipe("factorized", "ci").digest()
     with pytest.raises(ValueError, match="only apply to --model factorized"):
@@ -271,9 +272,10 @@ def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
     monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
     with pytest.raises(SystemExit):
         train_module.main(["--model", "factorized", "--profile", "ci", "--name", "x",
-                           "--regions", "4", "--mode", "mask_mid", "--unshared-decoders"])
+                           "--regions", "4", "--mode", "mask_mid", "--unshared-decoders",
+                           "--mask-noise", "1"])
     r = seen["recipe"]
-    assert (r.num_regions, r.mode, r.shared_decoder) == (4, "mask_mid", False)
+    assert (r.num_regions, r.mode, r.shared_decoder, r.mask_noise) == (4, "mask_mid", False, 1.0)
     assert r.dataset == "shapes"
 
 
