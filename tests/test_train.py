@@ -71,12 +71,19 @@ def test_training_runs_in_channels_last_and_checkpoints_restore_the_values(tmp_p
         torch.testing.assert_close(loaded(x, t), res.ema(x, t), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
+def _dropout_model(seed=0):
+    torch.manual_seed(seed)
+    return UNet(dataclasses.replace(CFG, dropout=0.5))
+
+
+# Dropout draws from torch's global generator, which train() seeds per step inside a fork.
+@pytest.mark.parametrize("precision,make", [("fp32", _model), ("bf16", _model),
+                                            ("fp32", _dropout_model)])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision, make):
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
                       precision=precision)
     schedule, data = NoiseSchedule("linear", 100), Images()
-    straight = train(_model(), schedule, data, cfg, progress=False)
+    straight = train(make(), schedule, data, cfg, progress=False)
 
     def stop_at_3(step, result):
         if step == 3:
@@ -84,9 +91,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
 
     ckpt = tmp_path / "run.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False, callback=stop_at_3)
-    # A fresh process would rebuild the model from scratch with another seed: resume must not care.
-    resumed = train(_model(seed=123), schedule, data, cfg, checkpoint=ckpt, progress=False)
+        train(make(), schedule, data, cfg, checkpoint=ckpt, progress=False, callback=stop_at_3)
+    # A fresh process would rebuild the model from scratch with another seed, and its global
+    # generator would be elsewhere: resume must not care.
+    resumed = train(make(seed=123), schedule, data, cfg, checkpoint=ckpt, progress=False)
     assert resumed.step == 6 and resumed.losses == straight.losses
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -94,35 +102,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_random_draws_inside_the_model_resume_exactly_and_spare_the_callers_generator(tmp_path):
-    # Dropout draws from torch's global generator; train() seeds it per step, inside a fork.
-    def dropout_model(seed=0):
-        torch.manual_seed(seed)
-        return UNet(dataclasses.replace(CFG, dropout=0.5))
-
-    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=100,
-                      precision="fp32")
-    schedule, data = NoiseSchedule("linear", 100), Images()
-    straight = train(dropout_model(), schedule, data, cfg, progress=False)
-
-    def stop_at_3(step, result):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    ckpt = tmp_path / "run.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        train(dropout_model(), schedule, data, cfg, checkpoint=ckpt, progress=False,
-              callback=stop_at_3)
-    torch.manual_seed(999)  # a fresh process has another global state: resuming must not care
-    resumed = train(dropout_model(seed=4), schedule, data, cfg, checkpoint=ckpt, progress=False)
-    assert resumed.losses == straight.losses
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-    model = dropout_model()
+def test_training_leaves_the_callers_global_generator_where_it_was():
+    model = _dropout_model()
     state = torch.get_rng_state()
-    train(model, schedule, data, dataclasses.replace(cfg, steps=2), progress=False)
-    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left where it was
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=1, precision="fp32")
+    train(model, NoiseSchedule("linear", 100), Images(), cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_snapshots_are_taken_on_schedule_and_survive_an_interruption(tmp_path):
