@@ -233,8 +233,10 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             # Whatever the model draws from the global generator (dropout, mask noise) is seeded
-            # by the step too, so a resumed run draws the same; the caller's state is restored.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # by the step too, so a resumed run draws the same; the caller's state is restored
+            # (manual_seed seeds every GPU, so every GPU's state is kept).
+            cuda_devices = range(torch.cuda.device_count()) if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda_devices):
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(model, schedule, x0, t, eps)
