@@ -37,7 +37,8 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass
 class Step:
-    """One step of a trajectory: the timestep, the current x_t and the model's x0 estimate."""
+    """One step of a trajectory: ``xt`` is the image reached at timestep ``t`` (-1: the final,
+    clean sample) and ``x0`` the model's estimate of the clean image made on the way there."""
 
     t: int
     xt: Tensor
@@ -55,13 +56,27 @@ def per_sample_generators(seed: int, n: int, device: str | torch.device = "cpu")
 
 
 def randn(shape: Sequence[int], generator: Generator = None, device=None, dtype=None) -> Tensor:
-    """Draw N(0, I) of ``shape``; with a list of generators, row i comes from generator i."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    """Draw N(0, I) of ``shape`` onto ``device``; with a list of generators, row i comes from
+    generator i.
+
+    Each draw happens on its generator's own device and is then moved, so CPU generators (the
+    default of :func:`per_sample_generators`) drive a model on a GPU, and a seed gives the same
+    noise whatever the model's device.
+    """
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator):
+        generator = [generator]
+        rows = [tuple(shape)]
+    else:
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        rows = [(1, *shape[1:])] * len(generator)
     return torch.cat(
-        [torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator]
+        [
+            torch.randn(r, generator=g, device=g.device, dtype=dtype).to(device)
+            for r, g in zip(rows, generator, strict=True)
+        ]
     )
 
 
@@ -183,9 +198,9 @@ def sample(
             tt = _full_t(t, xt)
             eps = model(xt, tt).float()
             xt, x0 = ddpm_step(schedule, eps, tt, xt, generator=generator, clip_x0=clip_x0)
-            yield Step(t, xt, x0)
+            yield Step(t - 1, xt, x0)  # xt is now x_{t-1}, as DDIM's steps are labelled below
         return
-    steps = ddim_timesteps(T, num_steps or 50)
+    steps = ddim_timesteps(T, 50 if num_steps is None else num_steps)
     if t_start is not None:
         steps = [t_start] + [t for t in steps if t < t_start]
     for t, t_prev in zip(steps, steps[1:] + [-1]):
@@ -223,14 +238,18 @@ def regenerate(
 
     This is SDEdit (Meng et al., ICLR 2022): what the model can rebuild from the signal left at
     ``t_start`` comes back, the rest is replaced by what the model finds likely. x0: (B, C, H, W)
-    in [-1, 1]; ``noise`` (same shape) or ``generator`` draws the forward noise; ``kwargs`` go
-    to :func:`sample` (method, num_steps, eta...). Returns (B, C, H, W) in [-1, 1].
+    in [-1, 1]; ``noise`` (same shape) is the forward noise, else ``generator`` draws it;
+    ``generator`` also drives the reverse process (DDPM, or DDIM with eta > 0). ``kwargs`` go to
+    :func:`sample` (method, num_steps, eta...). Returns (B, C, H, W) in [-1, 1].
     """
     if noise is None:
         noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     tt = torch.full((x0.shape[0],), int(t_start), dtype=torch.int64, device=x0.device)
     xt = schedule.add_noise(x0, noise, tt)
-    return generate(model, schedule, x0.shape, xT=xt, t_start=t_start, **kwargs)
+    # The same generator goes on to the reverse process (DDPM, or DDIM with eta > 0).
+    return generate(
+        model, schedule, x0.shape, xT=xt, t_start=t_start, generator=generator, **kwargs
+    )
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ def test_sample_yields_the_whole_trajectory():
     ddim = list(sample(model, s, (2, 3, 4, 4), method="ddim", num_steps=10))
     ddpm = list(sample(model, s, (2, 3, 4, 4), method="ddpm"))
     assert [st.t for st in ddim] == [80, 70, 60, 50, 40, 30, 20, 10, 0, -1]
-    assert len(ddpm) == 100 and ddpm[-1].t == 0
+    assert [st.t for st in ddpm] == list(range(98, -2, -1))
     assert all(st.xt.shape == (2, 3, 4, 4) and st.x0.shape == (2, 3, 4, 4) for st in ddim)
 
 
@@ -126,6 +126,8 @@ def test_sampler_bad_inputs():
         next(sample(model, s, (3, 4, 4)))
     with pytest.raises(ValueError, match="num_steps"):
         ddim_timesteps(100, 0)
+    with pytest.raises(ValueError, match="num_steps"):
+        next(sample(model, s, (1, 3, 4, 4), num_steps=0))  # not silently the default 50
     with pytest.raises(ValueError, match="generators"):
         next(sample(model, s, (3, 3, 4, 4), generator=per_sample_generators(0, 2)))
     with pytest.raises(ValueError, match="t_start must be an int in"):
@@ -141,7 +143,7 @@ def test_a_late_start_takes_the_remaining_steps():
     ddim = list(sample(model, s, xt.shape, method="ddim", num_steps=10, xT=xt, t_start=45))
     ddpm = list(sample(model, s, xt.shape, method="ddpm", xT=xt, t_start=45))
     assert [st.t for st in ddim] == [40, 30, 20, 10, 0, -1]
-    assert len(ddpm) == 46 and ddpm[-1].t == 0
+    assert [st.t for st in ddpm] == list(range(44, -2, -1))
     # Starting at the first step of the full run is the full run.
     for method in ("ddpm", "ddim"):
         full = generate(model, s, xt.shape, method=method, num_steps=10, xT=xt,
@@ -167,3 +169,28 @@ def test_regenerate_rebuilds_what_the_model_knows(method):
     out = regenerate(model, s, other, 600, generator=torch.Generator().manual_seed(2),
                      method=method, num_steps=20)
     torch.testing.assert_close(out, x_star, atol=1e-3, rtol=0)
+
+
+def test_regenerate_passes_its_generator_to_the_reverse_process(tiny_unet):
+    s = NoiseSchedule("linear", 50)
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = []
+    for global_seed in (1, 2):  # the global generator must not matter
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            out.append(regenerate(tiny_unet, s, x0, 30, generator=torch.Generator().manual_seed(3),
+                                  method="ddpm"))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_generators_drive_a_gpu_model_to_the_cpu_samples(tiny_unet):
+    s = NoiseSchedule("linear", 50)
+    kw = dict(method="ddim", num_steps=10, eta=1.0)
+    with torch.no_grad():
+        cpu = generate(tiny_unet, s, (3, 3, 8, 8), generator=per_sample_generators(4, 3), **kw)
+        gpu = generate(tiny_unet.cuda(), s, (3, 3, 8, 8), generator=per_sample_generators(4, 3),
+                       **kw)
+    tiny_unet.cpu()
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
