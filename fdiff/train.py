@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -359,15 +360,17 @@ class Recipe:
         from .profiles import get_profile
 
         profile = get_profile(self.profile)
-        torch.manual_seed(self.seed)
-        model = build_model(
-            self.kind,
-            profile,
-            num_regions=self.num_regions,
-            mode=self.mode,
-            shared_decoder=self.shared_decoder,
-            mask_noise=self.mask_noise,
-        )
+        # Seeded for a reproducible initialisation, without touching the caller's generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = build_model(
+                self.kind,
+                profile,
+                num_regions=self.num_regions,
+                mode=self.mode,
+                shared_decoder=self.shared_decoder,
+                mask_noise=self.mask_noise,
+            )
         schedule = NoiseSchedule(self.schedule, profile.num_timesteps)
         config = TrainConfig(
             steps=self.steps or profile.train_steps,
@@ -377,6 +380,17 @@ class Recipe:
             precision=self.precision,
         )
         return profile, model, schedule, config
+
+    @property
+    def budget(self) -> int:
+        """The number of training steps: ``steps``, or the profile's ``train_steps``."""
+        from .profiles import get_profile
+
+        return self.steps or get_profile(self.profile).train_steps
+
+    def model_config(self) -> dict:
+        """Return the config of the model this recipe trains (as saved in its checkpoint)."""
+        return self._model_schedule_config()[1].config.to_dict()
 
     def data(self, root=None, download: bool = False, split: str = "train", progress=False):
         """Return the recipe's images of ``split`` ("train" or "test")."""
@@ -419,6 +433,30 @@ class Recipe:
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def same_model(self, other: Recipe) -> bool:
+        """Whether ``other`` trains the same model: everything but the precision agrees.
+
+        bf16 autocast changes the arithmetic of training, not which model it trains, so a
+        checkpoint trained in bf16 stands for the same recipe in fp32.
+        """
+        return replace(self, precision="auto").digest() == replace(other, precision="auto").digest()
+
+    @classmethod
+    def from_command(cls, command: str, profile: str | None = None) -> Recipe:
+        """Return the recipe of a training command, as the manifest records it.
+
+        command: ``python -m fdiff.train ...`` (the leading ``python -m fdiff.train`` is
+        optional). ``profile``: the one to assume when the command names none.
+        """
+        words = shlex.split(command)
+        if words[:3] == ["python", "-m", "fdiff.train"]:
+            words = words[3:]
+        try:
+            args = _parser().parse_args(words)
+        except SystemExit:
+            raise ValueError(f"not a valid training command: {command!r}") from None
+        return _recipe_from_args(args, profile)
 
 
 def run_recipe(recipe: Recipe, resume: Path, progress: bool = True, root=None, download=False):
@@ -529,7 +567,10 @@ def load_or_train(
     spec = Recipe(kind=kind, profile=profile.name, **recipe)
     entry = read_manifest().get(name)
     if entry is not None and _entry_matches(entry, spec):
-        return load_pretrained(name)
+        model, meta = load_pretrained(name)
+        # A checkpoint of the profile's former widths is not this recipe's model.
+        if model.config.to_dict() == spec.model_config():
+            return model, meta
     path = cache_dir() / "checkpoints" / f"{name}-{profile.name}-{spec.digest()}.safetensors"
     if not path.exists():
         resume = path.with_suffix(".resume")
@@ -540,20 +581,27 @@ def load_or_train(
 
 
 def _entry_matches(entry: dict, recipe: Recipe) -> bool:
-    """Whether a manifest entry was trained for ``recipe``'s profile, dataset and budget."""
+    """Whether a manifest entry was trained by ``recipe``: the command it records gives the
+    same model (kind, variant, profile, dataset, schedule, seed and step budget)."""
     if entry.get("profile") != recipe.profile:
         return False
-    if entry.get("dataset", "shapes") != recipe.dataset:
+    try:
+        made = Recipe.from_command(entry["command"], profile=entry["profile"])
+    except (KeyError, ValueError):
         return False
-    return recipe.steps is None or entry.get("steps") == recipe.steps
+    return made.same_model(recipe) and entry.get("steps") == made.budget
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Train a model on the built-in data and publish its EMA weights to the manifest."""
-    from .checkpoints import checkpoint_dir, register_checkpoint
+_DESCRIPTION = (
+    "Train a model (on the built-in data, or a real dataset with --dataset) and publish its EMA "
+    "weights to the manifest."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
     from .data import DATASET_NAMES
 
-    parser = argparse.ArgumentParser(prog="python -m fdiff.train", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fdiff.train", description=_DESCRIPTION)
     parser.add_argument("--model", default="unet", choices=["unet", "factorized"])
     parser.add_argument("--profile", default=None, help="ci, cpu or gpu (default: $FDIFF_PROFILE)")
     parser.add_argument("--name", required=True, help="manifest name of the checkpoint")
@@ -588,14 +636,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--data-root", default=None, help="real datasets' folder")
     parser.add_argument("--download", action="store_true", help="fetch a missing real dataset")
-    args = parser.parse_args(argv)
-    command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    return parser
 
+
+def _recipe_from_args(args: argparse.Namespace, profile: str | None = None) -> Recipe:
+    """The recipe of parsed command-line arguments; ``profile`` if the command names none."""
     from .profiles import get_profile
 
-    recipe = Recipe(
+    return Recipe(
         kind=args.model,
-        profile=get_profile(args.profile).name,
+        profile=get_profile(args.profile or profile).name,
         schedule=args.schedule,
         seed=args.seed,
         steps=args.steps,
@@ -606,6 +656,15 @@ def main(argv: list[str] | None = None) -> None:
         mask_noise=args.mask_noise,
         dataset=args.dataset,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train a model and publish its EMA weights to the manifest (see ``--help``)."""
+    from .checkpoints import checkpoint_dir, register_checkpoint
+
+    args = _parser().parse_args(argv)
+    command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    recipe = _recipe_from_args(args)
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
     # Named by the recipe too: a changed flag starts a new run instead of resuming another.
     run_name = f"{args.name}-{recipe.digest(with_steps=False)}"

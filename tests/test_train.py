@@ -275,13 +275,77 @@ def test_recipes_name_their_dataset_and_refuse_unknown_ones():
 def test_a_committed_checkpoint_is_used_only_for_its_own_recipe():
     from fdiff.train import Recipe, _entry_matches
 
-    entry = {"profile": "cpu", "steps": 500}  # written before entries named their dataset
-    assert _entry_matches(entry, Recipe("factorized", "cpu"))
-    assert _entry_matches(entry, Recipe("factorized", "cpu", steps=500))
-    assert not _entry_matches(entry, Recipe("factorized", "cpu", steps=3))
-    assert not _entry_matches(entry, Recipe("factorized", "ci"))
-    assert not _entry_matches(entry, Recipe("factorized", "cpu", dataset="pets"))
-    assert _entry_matches({**entry, "dataset": "pets"}, Recipe("unet", "cpu", dataset="pets"))
+    def entry(args, steps=500, **more):
+        return {"profile": "cpu", "steps": steps, "command": "python -m fdiff.train " + args,
+                **more}
+
+    k3 = entry("--model factorized --profile cpu --steps 500 --name a --regions 3")
+    assert _entry_matches(k3, Recipe("factorized", "cpu", steps=500, num_regions=3))
+    assert not _entry_matches(k3, Recipe("factorized", "cpu", steps=500))  # K = 2
+    assert not _entry_matches(k3, Recipe("unet", "cpu", steps=500))
+    assert not _entry_matches(k3, Recipe("factorized", "cpu", steps=3, num_regions=3))
+    assert not _entry_matches(k3, Recipe("factorized", "cpu", num_regions=3))  # 3000 steps
+    assert not _entry_matches(k3, Recipe("factorized", "ci", steps=500, num_regions=3))
+    assert not _entry_matches(k3, Recipe("factorized", "cpu", steps=500, num_regions=3, seed=1))
+    assert not _entry_matches(k3, Recipe("factorized", "cpu", steps=500, num_regions=3,
+                                         schedule="linear"))
+    # The precision changes the arithmetic of training, not the model it trains.
+    unet = entry("--profile cpu --name b --precision bf16", steps=3000)
+    assert _entry_matches(unet, Recipe("unet", "cpu"))
+    assert not _entry_matches(unet, Recipe("unet", "cpu", dataset="pets"))
+    assert not _entry_matches({**unet, "steps": 2000}, Recipe("unet", "cpu"))  # interrupted
+    pets = entry("--name c --dataset pets", steps=3000)  # no --profile: the entry's
+    assert _entry_matches(pets, Recipe("unet", "cpu", dataset="pets"))
+    # An entry without a command, or with an unknown one, stands for no recipe.
+    assert not _entry_matches({"profile": "cpu", "steps": 3000}, Recipe("unet", "cpu"))
+    assert not _entry_matches(entry("--name d --colour red", steps=3000), Recipe("unet", "cpu"))
+
+
+def test_every_committed_checkpoint_is_its_own_commands_model():
+    from fdiff.checkpoints import checkpoint_dir, load_model, read_manifest, sha256_of
+    from fdiff.train import Recipe
+
+    manifest = read_manifest()
+    assert manifest
+    for name, entry in manifest.items():
+        path = checkpoint_dir() / entry["file"]
+        assert sha256_of(path) == entry["sha256"], name
+        recipe = Recipe.from_command(entry["command"])
+        model, _ = load_model(path)
+        assert recipe.profile == entry["profile"] and recipe.budget == entry["steps"], name
+        assert model.config.to_dict() == recipe.model_config(), name
+
+
+def test_a_committed_checkpoint_of_other_widths_is_trained_again(tmp_path, monkeypatch):
+    from fdiff import train as train_module
+    from fdiff.checkpoints import register_checkpoint, save_model
+    from fdiff.profiles import get_profile
+    from fdiff.unet import UNet, UNetConfig
+
+    monkeypatch.setenv("FDIFF_CHECKPOINTS", str(tmp_path / "committed"))
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    wide = UNet(UNetConfig(base_channels=24, channel_mults=(1, 2), num_heads=2))
+    path = save_model(tmp_path / "committed" / "m.safetensors", wide)
+    register_checkpoint("m", path, "python -m fdiff.train --profile ci --name m --steps 2",
+                        profile="ci", steps=2)
+    trained = []
+    monkeypatch.setattr(train_module, "run_recipe",
+                        lambda recipe, *a, **k: trained.append(recipe) or
+                        (recipe.parts()[0], {}, {}))
+    model, _ = train_module.load_or_train("m", profile=get_profile("ci"), steps=2,
+                                          progress=False)
+    assert len(trained) == 1 and model.config.base_channels == get_profile("ci").base_channels
+
+
+def test_the_recipe_leaves_the_callers_generator_alone():
+    from fdiff.train import Recipe
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    Recipe("factorized", "ci").digest()
+    Recipe("unet", "ci").parts()
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 
 
 def test_the_training_command_extends_its_own_run_and_resumes_no_other(tmp_path, monkeypatch):
