@@ -71,6 +71,13 @@ class TrainConfig:
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -182,9 +189,17 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     result = TrainResult(model=model, ema=ema)
+    if snapshot_every < 1:
+        raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         _resume(path, result, opt, config)
+        if result.step > config.steps:
+            raise ValueError(
+                f"{path} has already trained {result.step} steps, more than the {config.steps} "
+                f"asked for: ask for at least {result.step} steps, or delete the file to start "
+                f"afresh"
+            )
     bf16 = _use_bf16(config.precision, device)
     params = [p for p in model.parameters()]
     ema_params = [p for p in ema.parameters()]
@@ -221,7 +236,8 @@ def train(
         result.snapshot_steps.append(result.step)
 
     try:
-        if result.step == 0:
+        # Also after a resume: an interruption during a snapshot saved its step without it.
+        if result.step == 0 or result.step % snapshot_every == 0 or result.step == config.steps:
             take_snapshot()
         while result.step < config.steps:
             t_start = time.perf_counter()

@@ -140,6 +140,34 @@ def test_snapshots_are_taken_on_schedule_and_survive_an_interruption(tmp_path):
     for a, b in zip(straight.snapshots, resumed.snapshots):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+    # Interrupted while taking the step-4 snapshot: the resumed run takes it.
+    calls = []
+
+    def snap_then_stop(model):
+        calls.append(1)
+        if len(calls) == 3:  # steps 0, 2, then 4
+            raise KeyboardInterrupt
+        return snap(model)
+
+    ckpt = tmp_path / "run2.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False,
+              snapshot=snap_then_stop, snapshot_every=2)
+    resumed = train(_model(seed=5), schedule, data, cfg, checkpoint=ckpt, progress=False,
+                    snapshot=snap, snapshot_every=2)
+    assert resumed.snapshot_steps == straight.snapshot_steps
+    for a, b in zip(straight.snapshots, resumed.snapshots):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_run_longer_than_asked_is_refused_not_returned(tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=4, precision="fp32")
+    ckpt = tmp_path / "run.safetensors"
+    train(_model(), NoiseSchedule("linear", 100), Images(), cfg, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="already trained 3 steps, more than the 1"):
+        train(_model(), NoiseSchedule("linear", 100), Images(),
+              dataclasses.replace(cfg, steps=1), checkpoint=ckpt, progress=False)
+
 
 def test_resume_refuses_a_different_run(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, precision="fp32")
@@ -166,6 +194,15 @@ def test_bad_train_config():
         TrainConfig(steps=1, batch_size=1, precision="fp16")
     with pytest.raises(ValueError, match="steps and batch_size"):
         TrainConfig(steps=0, batch_size=1)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        TrainConfig(steps=1, batch_size=1, checkpoint_every=0)
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        TrainConfig(steps=1, batch_size=1, grad_clip=-1.0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        TrainConfig(steps=1, batch_size=1, lr=0.0)
+    with pytest.raises(ValueError, match="snapshot_every must be >= 1"):
+        train(_model(), NoiseSchedule("linear", 100), Images(), TrainConfig(steps=1, batch_size=2),
+              progress=False, snapshot=lambda m: torch.zeros(1), snapshot_every=0)
 
 
 def test_load_or_train_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
