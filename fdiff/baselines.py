@@ -82,7 +82,8 @@ def grabcut(images: Tensor, margin: int = 2, iters: int = 5) -> Tensor:
     rect = (margin, margin, w - 2 * margin, h - 2 * margin)
     cv2.setRNGSeed(0)
     for i, img in enumerate(images):
-        bgr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()[..., ::-1]
+        rgb = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        bgr = rgb[..., ::-1]
         mask = np.zeros((h, w), np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         cv2.grabCut(np.ascontiguousarray(bgr), mask, rect, bgd, fgd, iters, cv2.GC_INIT_WITH_RECT)

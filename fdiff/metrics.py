@@ -45,8 +45,18 @@ def _check_labels(pred: Tensor, target: Tensor) -> None:
 
 
 def confusion(pred: Tensor, target: Tensor, num_pred: int, num_target: int) -> Tensor:
-    """Count pixels per (predicted region, target class), ignoring target -1; (K, C) int64."""
+    """Count pixels per (predicted region, target class), ignoring target -1; (K, C) int64.
+
+    pred must lie in [0, num_pred) and target in [-1, num_target); anything else is refused,
+    since it would be counted in another cell.
+    """
     valid = target >= 0
+    for name, x, n, low in (("pred", pred, num_pred, 0), ("target", target, num_target, -1)):
+        if x.numel() and not (low <= int(x.min()) and int(x.max()) < n):
+            raise ValueError(
+                f"{name} labels must lie in [{low}, {n}), got values from {int(x.min())} to "
+                f"{int(x.max())}: is the number of classes or regions right?"
+            )
     idx = pred[valid].long() * num_target + target[valid].long()
     return torch.bincount(idx, minlength=num_pred * num_target).view(num_pred, num_target)
 
@@ -122,12 +132,12 @@ def hungarian_miou(pred: Tensor, target: Tensor, num_classes: int | None = None)
     conf = confusion(pred, target, k, c).double()
     inter = conf
     union = conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf
-    iou = (inter / union.clamp(min=1)).numpy()
+    iou = (inter / union.clamp(min=1)).cpu().numpy()
     rows, cols = linear_sum_assignment(-iou)
     present = conf.sum(0) > 0
     matched = np.zeros(c)
     matched[cols] = iou[rows, cols]
-    return float(matched[present.numpy()].mean()) if present.any() else float("nan")
+    return float(matched[present.cpu().numpy()].mean()) if present.any() else float("nan")
 
 
 def adjusted_rand_index(a: Tensor, b: Tensor) -> float:
@@ -202,7 +212,7 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
         )
     if len(a) < 2 or len(b) < 2:
         raise ValueError("need at least two samples per set")
-    x, y = a.double().numpy(), b.double().numpy()
+    x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     covmean = linalg.sqrtm(cov_x @ cov_y)

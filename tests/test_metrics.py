@@ -10,6 +10,7 @@ from fdiff.metrics import (
     foreground_scores,
     hungarian_miou,
     mask_stats,
+    miou,
 )
 
 
@@ -92,6 +93,14 @@ def test_bad_inputs():
         hungarian_miou(torch.rand(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
         mask_stats(torch.rand(4, 4, 4))
+    # Labels outside the stated number of classes would be counted as another class.
+    zeros = torch.zeros(1, 1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"target labels must lie in \[-1, 2\)"):
+        miou(zeros, torch.tensor([[[0, 0, 2, 2]]]), 2)
+    with pytest.raises(ValueError, match=r"pred labels must lie in \[0, 2\)"):
+        miou(torch.tensor([[[0, 1, 2, 0]]]), zeros, 2)
+    with pytest.raises(ValueError, match="target labels"):
+        hungarian_miou(torch.tensor([[[0, 1, 2, 0]]]), torch.tensor([[[0, 1, 2, 0]]]), 2)
 
 
 def test_frechet_distance_of_gaussians_matches_the_closed_form():
@@ -108,8 +117,6 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
 
 
 def test_miou_by_hand():
-    from fdiff.metrics import miou
-
     target = torch.tensor([[[0, 0, 1, 1], [2, 2, -1, -1]]])
     pred = torch.tensor([[[0, 1, 1, 1], [2, 2, 0, 0]]])
     mean, per = miou(pred, target, num_classes=4)
