@@ -69,10 +69,12 @@ def load_mobilenet_v2() -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _normalise(images: Tensor, size: int | None) -> Tensor:
+def _normalise(images: Tensor, size: int | None, model: nn.Module) -> Tensor:
+    """Images in [-1, 1] -> ImageNet-normalised RGB at ``size``, on ``model``'s device."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (B, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-    x = (images.float().expand(-1, 3, -1, -1) + 1) / 2
+    device = next(model.parameters()).device
+    x = (images.to(device).float().expand(-1, 3, -1, -1) + 1) / 2
     if size is not None and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -89,10 +91,10 @@ def mobilenet_features(
     images (B, C, H, W) in [-1, 1] are resized to ``size`` and ImageNet-normalised. With
     ``size=128`` and the default 7 blocks (stride 8) the result is (B, 32, 16, 16).
     """
-    x = _normalise(images, size)
+    x = _normalise(images, size, model)
     for block in model.features[:num_blocks]:
         x = block(x)
-    return x
+    return x.to(images.device)
 
 
 @torch.no_grad()
@@ -104,8 +106,8 @@ def pooled_features(model: nn.Module, images: Tensor, size: int = 128, batch_siz
     """
     out = []
     for start in range(0, len(images), batch_size):
-        x = _normalise(images[start : start + batch_size], size)
-        out.append(model.features(x).mean(dim=(2, 3)))
+        x = _normalise(images[start : start + batch_size], size, model)
+        out.append(model.features(x).mean(dim=(2, 3)).to(images.device))
     return torch.cat(out)
 
 
@@ -123,11 +125,11 @@ class MobileNetPixelFeatures:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        x = _normalise(images, self.size)
+        x = _normalise(images, self.size, self.model)
         out, done = [], 0
         for stop in self.stages:
             for block in self.model.features[done:stop]:
                 x = block(x)
             done = stop
             out.append(F.interpolate(x, size=images.shape[-2:], mode="bilinear"))
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1).to(images.device)

@@ -100,8 +100,9 @@ class ProbeEnsemble:
         val, tr = perm[:n_val], perm[n_val:]
         self.members, self.epochs = [], []
         for i in range(cfg.ensemble_size):
-            torch.manual_seed(cfg.seed * 1000 + i)
-            net = PixelMLP(self.in_dim, self.num_classes, cfg.hidden)
+            with torch.random.fork_rng(devices=[]):  # the caller's generator is left alone
+                torch.manual_seed(cfg.seed * 1000 + i)
+                net = PixelMLP(self.in_dim, self.num_classes, cfg.hidden)
             opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
             best, best_loss, bad, epochs = copy.deepcopy(net.state_dict()), float("inf"), 0, 0
             for _ in range(cfg.max_epochs):

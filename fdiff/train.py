@@ -117,7 +117,9 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
     # CPUs without native bf16 emulate it slowly, so on a CPU it is asked for with "bf16".
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # Native bf16 arithmetic starts with compute capability 8 (Ampere); older GPUs such as
+    # Colab's T4 report bf16 as supported because they can emulate it, slowly.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _draw_batch(dataset, batch_size: int, gen: torch.Generator) -> Tensor:

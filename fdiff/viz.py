@@ -184,6 +184,7 @@ def partition_frame(images: Tensor, masks: Tensor, alpha: float = 0.55) -> Tenso
         raise ValueError(
             f"images are {tuple(images.shape[-2:])} but masks {tuple(masks.shape[-2:])}"
         )
+    masks = masks.cpu()
     m = masks.float() / 255 if masks.dtype == torch.uint8 else masks.float()
     img = images.float().cpu()
     img = img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
@@ -192,7 +193,7 @@ def partition_frame(images: Tensor, masks: Tensor, alpha: float = 0.55) -> Tenso
     region = m.argmax(1)  # (N, H, W)
     tint = colours[region].permute(0, 3, 1, 2)  # (N, 3, H, W)
     overlay = (1 - alpha) * img + alpha * tint
-    grey = [(m[:, j : j + 1] * 2 - 1).expand(-1, 3, -1, -1).cpu() for j in range(k)]
+    grey = [(m[:, j : j + 1] * 2 - 1).expand(-1, 3, -1, -1) for j in range(k)]
     return torch.cat([img, *grey, overlay])
 
 

@@ -79,3 +79,19 @@ def test_bad_inputs():
         ens.predict(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="val_fraction"):
         ProbeConfig(val_fraction=1.0)
+
+
+def test_fitting_leaves_the_callers_generator_alone():
+    X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    first = ProbeEnsemble(4, 2, ProbeConfig(ensemble_size=2, max_epochs=2)).fit(X, y)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    # ...and the members still start from their own seeds.
+    torch.manual_seed(4)
+    second = ProbeEnsemble(4, 2, ProbeConfig(ensemble_size=2, max_epochs=2)).fit(X, y)
+    for a, b in zip(first.members, second.members):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)

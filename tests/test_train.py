@@ -425,3 +425,16 @@ def test_module_entry_point_runs_without_a_double_import_warning():
     assert proc.returncode == 0, proc.stderr
     assert "usage: python -m fdiff.train" in proc.stdout
     assert "RuntimeWarning" not in proc.stderr
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_precision_uses_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability,
+                                                               expected):
+    from fdiff.train import _use_bf16
+
+    # A T4 (7.5) emulates bf16 slowly, although torch.cuda.is_bf16_supported() says True.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _use_bf16("auto", torch.device("cuda")) is expected
+    assert _use_bf16("auto", torch.device("cpu")) is False
+    assert _use_bf16("bf16", torch.device("cpu")) is True
