@@ -20,7 +20,7 @@ The public API, by concept (one module each):
 - :mod:`fdiff.viz`: figures, scrubbable animations, partition views, ``pca_rgb``
 """
 
-from .profiles import describe_profile, get_profile
+from .profiles import default_device, describe_profile, get_profile
 from .samplers import ddim_invert, ddim_step, ddpm_step, generate, sample
 from .schedules import NoiseSchedule
 from .unet import UNet, UNetConfig
@@ -48,6 +48,7 @@ __all__ = [
     "ddim_invert",
     "ddim_step",
     "ddpm_step",
+    "default_device",
     "describe_profile",
     "generate",
     "get_profile",

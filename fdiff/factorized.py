@@ -187,13 +187,16 @@ def segment(
     """Segment real images: noise them to step ``t``, run one forward pass, return the masks.
 
     x0: (B, C, H, W) in [-1, 1]; t: an int in [0, T). Returns soft masks (B, K, H, W); their
-    argmax over K is the segmentation. The paper uses a small t (about 30 of 1000).
+    argmax over K is the segmentation. The paper uses a small t (about 30 of 1000). The model
+    runs on its own device; the masks come back on x0's.
     """
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=x0.device)
-    _, masks = model(schedule.add_noise(x0, noise, tt), tt, return_masks=True)
-    return masks
+        noise = torch.randn(x0.shape, generator=generator)
+    device = next(model.parameters()).device
+    tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=device)
+    xt = schedule.add_noise(x0.to(device), noise.to(device), tt)
+    _, masks = model(xt, tt, return_masks=True)
+    return masks.to(x0.device)
 
 
 def _check_t(t: int, schedule) -> int:
@@ -213,10 +216,13 @@ def masks_over_t(
     """
     ts = [_check_t(t, schedule) for t in timesteps]
     p, n = x0.shape[0], len(ts)
-    tt = torch.tensor(ts, dtype=torch.int64, device=x0.device).repeat_interleave(p)
-    xt = schedule.add_noise(x0.repeat(n, 1, 1, 1), noise.repeat(n, 1, 1, 1), tt)
+    device = next(model.parameters()).device
+    tt = torch.tensor(ts, dtype=torch.int64, device=device).repeat_interleave(p)
+    xt = schedule.add_noise(
+        x0.to(device).repeat(n, 1, 1, 1), noise.to(device).repeat(n, 1, 1, 1), tt
+    )
     _, masks = model(xt, tt, return_masks=True)
-    return masks.view(n, p, *masks.shape[1:]).transpose(0, 1)
+    return masks.view(n, p, *masks.shape[1:]).transpose(0, 1).to(x0.device)
 
 
 def snapshot_timesteps(num_timesteps: int) -> tuple[int, ...]:
@@ -269,7 +275,8 @@ def generate_with_masks(
 
     Runs :func:`fdiff.samplers.sample` (keyword arguments pass through) and, at the visited
     timestep closest to ``t_mask``, reads the masks of that step's x_t. Returns the samples
-    (B, C, H, W) clamped to [-1, 1] and the masks (B, K, H, W).
+    (B, C, H, W) clamped to [-1, 1] and the masks (B, K, H, W), where :func:`sample` puts
+    its images (the CPU unless ``xT`` is elsewhere).
     """
     from .samplers import sample
 
@@ -282,6 +289,7 @@ def generate_with_masks(
         last = st
     if closest is None:
         raise ValueError("sampling visited no timestep to read masks at")
-    tt = torch.full((shape[0],), closest.t, dtype=torch.int64, device=closest.xt.device)
-    _, masks = model(closest.xt, tt, return_masks=True)
-    return last.xt.clamp(-1, 1), masks
+    device = next(model.parameters()).device
+    tt = torch.full((shape[0],), closest.t, dtype=torch.int64, device=device)
+    _, masks = model(closest.xt.to(device), tt, return_masks=True)
+    return last.xt.clamp(-1, 1), masks.to(last.xt.device)

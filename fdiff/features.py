@@ -112,7 +112,7 @@ class DiffusionFeatures:
                 f"images must be (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(x0.shape)}"
             )
-        device = next(self.model.parameters()).device
+        device, out_device = next(self.model.parameters()).device, x0.device
         x0 = x0.to(device)
         noise = self.noise.to(device).expand_as(x0)
         size = self.image_shape[1:]
@@ -124,7 +124,7 @@ class DiffusionFeatures:
             for b in self.blocks:
                 h = store[f"block{b}"].float()
                 out.append(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1).to(out_device)
 
 
 def sample_pixels(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Profile", "PROFILES", "get_profile", "describe_profile"]
+__all__ = ["Profile", "PROFILES", "get_profile", "describe_profile", "default_device"]
 
 ENV_VAR = "FDIFF_PROFILE"
 
@@ -104,6 +104,11 @@ def get_profile(name: str | None = None) -> Profile:
             f"(set {ENV_VAR}=ci|cpu|gpu)"
         )
     return PROFILES[name]
+
+
+def default_device() -> torch.device:
+    """Return the device models run on: the first GPU if CUDA is available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def describe_profile(profile: Profile | None = None) -> str:

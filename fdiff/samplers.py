@@ -179,6 +179,9 @@ def sample(
     (``num_steps`` steps, default 50). The last yielded ``xt`` is the sample, in about [-1, 1].
     ``t_start``: start from step ``t_start`` instead of T - 1, with ``xT`` the images at that
     step (DDIM then takes its grid's steps below ``t_start``); see :func:`regenerate`.
+
+    The model runs on its own device (or ``device``); the yielded images are on ``xT``'s
+    device, or on the CPU when the noise is drawn here, whatever device the model is on.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -191,14 +194,16 @@ def sample(
         if xT is None:
             raise ValueError("t_start needs xT, the images at step t_start")
     if device is None:
-        device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-    xt = randn(shape, generator, device=device) if xT is None else xT
+        device = _model_device(model)
+    out = xT.device if xT is not None else torch.device("cpu")
+    xt = randn(shape, generator, device=device) if xT is None else xT.to(device)
     if method == "ddpm":
         for t in reversed(range(T if t_start is None else t_start + 1)):
             tt = _full_t(t, xt)
             eps = model(xt, tt).float()
             xt, x0 = ddpm_step(schedule, eps, tt, xt, generator=generator, clip_x0=clip_x0)
-            yield Step(t - 1, xt, x0)  # xt is now x_{t-1}, as DDIM's steps are labelled below
+            # xt is now x_{t-1}, labelled as DDIM's steps are below.
+            yield Step(t - 1, xt.to(out), x0.to(out))
         return
     steps = ddim_timesteps(T, 50 if num_steps is None else num_steps)
     if t_start is not None:
@@ -216,7 +221,12 @@ def sample(
             generator=generator,
             clip_x0=clip_x0,
         )
-        yield Step(t_prev, xt, x0)
+        yield Step(t_prev, xt.to(out), x0.to(out))
+
+
+def _model_device(model) -> torch.device:
+    params = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return params.device if params is not None else torch.device("cpu")
 
 
 def generate(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], **kwargs) -> Tensor:
@@ -266,10 +276,13 @@ def ddim_invert(
     t_prev): ``x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps`` (Song et al., 2021; Mokady et al.,
     2023). Stops at ``t_end`` (default: the last DDIM timestep). Running :func:`sample` with
     ``method="ddim"``, the same ``num_steps``, eta = 0, ``clip_x0=False`` and ``xT`` = the last
-    ``xt`` approximately reconstructs x0.
+    ``xt`` approximately reconstructs x0. The model runs on its own device; the yielded images
+    are on x0's.
     """
     if x0.ndim != 4:
         raise ValueError(f"x0 must have shape (B, C, H, W), got {tuple(x0.shape)}")
+    out = x0.device
+    x0 = x0.to(_model_device(model))
     steps = list(reversed(ddim_timesteps(schedule.num_timesteps, num_steps)))  # ascending
     if t_end is not None:
         steps = [t for t in steps if t <= t_end]
@@ -283,5 +296,5 @@ def ddim_invert(
         eps = model(xt, _full_t(max(t_prev, 0), xt)).float()
         x0_hat = (xt - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt()
         xt = ab_t.sqrt() * x0_hat + (1 - ab_t).sqrt() * eps
-        yield Step(t, xt, x0_hat)
+        yield Step(t, xt.to(out), x0_hat.to(out))
         t_prev = t

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoints import load_checkpoint, save_checkpoint, save_model
+from .profiles import default_device
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -99,7 +100,12 @@ LossFn = Callable[[nn.Module, NoiseSchedule, Tensor, Tensor, Tensor], Tensor]
 def denoising_loss(
     model: nn.Module, schedule: NoiseSchedule, x0: Tensor, t: Tensor, eps: Tensor
 ) -> Tensor:
-    """Return the DDPM loss: MSE of eps and eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t)."""
+    """Return the DDPM loss: MSE of eps and eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t).
+
+    The inputs are moved to the model's device (a no-op in training, where they already are).
+    """
+    device = next(model.parameters()).device
+    x0, t, eps = x0.to(device), t.to(device), eps.to(device)
     xt = schedule.add_noise(x0, eps, t)
     return F.mse_loss(model(xt, t).float(), eps)
 
@@ -483,7 +489,7 @@ def run_recipe(recipe: Recipe, resume: Path, progress: bool = True, root=None, d
     ``root`` and ``download``: where a real dataset's files are, and whether to fetch them.
     """
     model, schedule, data, config = recipe.parts(root, download, progress)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     snapshot, tensors = None, {}
     if recipe.kind == "factorized":
         probe = recipe.data(root, download, "test")
@@ -567,11 +573,12 @@ def load_or_train(
     progress: bool = True,
     root=None,
     download: bool = False,
+    device: str | torch.device | None = None,
     **recipe,
 ):
     """Return (model, metadata): the committed checkpoint ``name`` if it was trained for this
     profile and recipe, else a cached self-trained one, else train it now (resumable) and
-    cache it.
+    cache it. The model is in eval mode on ``device`` (default: a GPU if there is one).
 
     ``recipe``: further :class:`Recipe` fields (``steps``, ``num_regions``, ``mode``,
     ``shared_decoder``, ``dataset``...). ``root``/``download``: where a real dataset is.
@@ -583,19 +590,21 @@ def load_or_train(
 
     profile = profile or get_profile()
     spec = Recipe(kind=kind, profile=profile.name, **recipe)
+    device = default_device() if device is None else torch.device(device)
     entry = read_manifest().get(name)
     if entry is not None and _entry_matches(entry, spec):
         model, meta = load_pretrained(name)
         # A checkpoint of the profile's former widths is not this recipe's model.
         if model.config.to_dict() == spec.model_config():
-            return model, meta
+            return model.to(device), meta
     path = cache_dir() / "checkpoints" / f"{name}-{profile.name}-{spec.digest()}.safetensors"
     if not path.exists():
         resume = path.with_suffix(".resume")
         ema, extra, tensors = run_recipe(spec, resume, progress, root, download)
         save_model(path, ema, extra=extra, tensors=tensors)
         resume.unlink(missing_ok=True)
-    return load_model(path)
+    model, meta = load_model(path)
+    return model.to(device), meta
 
 
 def _entry_matches(entry: dict, recipe: Recipe) -> bool:
