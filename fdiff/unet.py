@@ -3,7 +3,8 @@
 The network is split into three parts so that later chapters can recombine them:
 :class:`Encoder` (first half, produces the skip features), :class:`Middle` (the bottleneck) and
 :class:`Decoder` (second half, consumes the skips). The factorized denoiser of chapter 2 reuses
-all three; chapter 4 reads the decoder's block activations; chapter 6 passes a condition vector.
+all three; chapter 4 reads the decoder's block activations; classifier-free guidance (the
+self-guidance method) passes a condition vector.
 
 Shapes: ``xt`` (B, C, H, W) with H and W divisible by ``2 ** (len(channel_mults) - 1)``;
 ``t`` int64 (B,); ``cond`` (B, cond_dim) or None for the null condition; output (B, C_out, H, W).

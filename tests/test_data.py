@@ -631,7 +631,6 @@ def test_foreground_classes_need_masks(tmp_path, skip_md5):
 
 def test_pixel_probing_reads_the_foreground_classes_of_a_real_dataset(tmp_path):
     from fdiff.features import sample_pixels
-    from fdiff.metrics import miou
     from fdiff.probing import ProbeConfig, ProbeEnsemble, predict_images
     from fdiff.profiles import get_profile
 
@@ -642,4 +641,5 @@ def test_pixel_probing_reads_the_foreground_classes_of_a_real_dataset(tmp_path):
     batch = pets.test.batch([0, 1])
     pred, unc = predict_images(lambda images: images, probe, batch["image"])
     assert pred.shape == unc.shape == batch["semantic"].shape
-    assert 0 <= miou(pred, batch["semantic"], 2)[0] <= 1
+    # The stand-in photos are noise, so no score is expected: the plumbing is what is tested.
+    assert set(pred.unique().tolist()) <= {0, 1} and 0 <= unc.min() <= unc.max() <= 1

@@ -81,3 +81,12 @@ def test_load_or_train_puts_the_model_on_the_asked_device(tmp_path, monkeypatch)
     model, _ = load_or_train("gpu_check", profile=get_profile("ci"), steps=1, progress=False,
                              device="cpu")
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_the_schedule_follows_its_inputs_device():
+    s = NoiseSchedule("cosine", 100)
+    x0, eps, t = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([3, 90])
+    on_gpu = s.add_noise(x0.cuda(), eps.cuda(), t.cuda())
+    assert on_gpu.device.type == "cuda"
+    _close(on_gpu.cpu(), s.add_noise(x0, eps, t))
+    assert s.eps_to_x0(on_gpu, eps.cuda(), t.cuda()).device.type == "cuda"
