@@ -130,34 +130,25 @@ def test_snapshots_are_taken_on_schedule_and_survive_an_interruption(tmp_path):
         if step == 3:
             raise KeyboardInterrupt
 
-    ckpt = tmp_path / "run.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False, callback=stop_at_3,
-              snapshot=snap, snapshot_every=2)
-    resumed = train(_model(seed=5), schedule, data, cfg, checkpoint=ckpt, progress=False,
-                    snapshot=snap, snapshot_every=2)
-    assert resumed.snapshot_steps == straight.snapshot_steps
-    for a, b in zip(straight.snapshots, resumed.snapshots):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-    # Interrupted while taking the step-4 snapshot: the resumed run takes it.
     calls = []
 
-    def snap_then_stop(model):
+    def snap_then_stop(model):  # interrupted while taking the step-4 snapshot
         calls.append(1)
         if len(calls) == 3:  # steps 0, 2, then 4
             raise KeyboardInterrupt
         return snap(model)
 
-    ckpt = tmp_path / "run2.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False,
-              snapshot=snap_then_stop, snapshot_every=2)
-    resumed = train(_model(seed=5), schedule, data, cfg, checkpoint=ckpt, progress=False,
-                    snapshot=snap, snapshot_every=2)
-    assert resumed.snapshot_steps == straight.snapshot_steps
-    for a, b in zip(straight.snapshots, resumed.snapshots):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for i, interrupted in enumerate([dict(callback=stop_at_3, snapshot=snap),
+                                     dict(snapshot=snap_then_stop)]):
+        ckpt = tmp_path / f"run{i}.safetensors"
+        with pytest.raises(KeyboardInterrupt):
+            train(_model(), schedule, data, cfg, checkpoint=ckpt, progress=False,
+                  snapshot_every=2, **interrupted)
+        resumed = train(_model(seed=5), schedule, data, cfg, checkpoint=ckpt, progress=False,
+                        snapshot=snap, snapshot_every=2)
+        assert resumed.snapshot_steps == straight.snapshot_steps
+        for a, b in zip(straight.snapshots, resumed.snapshots):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_a_run_longer_than_asked_is_refused_not_returned(tmp_path):
