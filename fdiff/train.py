@@ -16,8 +16,10 @@ Interrupted, the same command resumes from ``$FDIFF_CACHE/runs/<name>-<hash>.res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -476,10 +478,13 @@ class Recipe:
         words = shlex.split(command)
         if words[:3] == ["python", "-m", "fdiff.train"]:
             words = words[3:]
+        said = io.StringIO()
         try:
-            args = _parser().parse_args(words)
+            with contextlib.redirect_stderr(said):  # argparse prints its complaint, then exits
+                args = _parser().parse_args(words)
         except SystemExit:
-            raise ValueError(f"not a valid training command: {command!r}") from None
+            reason = said.getvalue().strip().splitlines()[-1:] or ["unreadable"]
+            raise ValueError(f"not a valid training command: {command!r} ({reason[0]})") from None
         return _recipe_from_args(args, profile)
 
 

@@ -327,6 +327,8 @@ def test_a_committed_checkpoint_is_used_only_for_its_own_recipe():
     # An entry without a command, or with an unknown one, stands for no recipe.
     assert not _entry_matches({"profile": "cpu", "steps": 3000}, Recipe("unet", "cpu"))
     assert not _entry_matches(entry("--name d --colour red", steps=3000), Recipe("unet", "cpu"))
+    with pytest.raises(ValueError, match="unrecognized arguments: --colour red"):
+        Recipe.from_command("python -m fdiff.train --name d --colour red")
 
 
 def test_every_committed_checkpoint_is_its_own_commands_model():
