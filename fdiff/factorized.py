@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .profiles import model_device
 from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, check_input
 
 __all__ = [
@@ -192,7 +193,7 @@ def segment(
     """
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator)
-    device = next(model.parameters()).device
+    device = model_device(model)
     tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=device)
     xt = schedule.add_noise(x0.to(device), noise.to(device), tt)
     _, masks = model(xt, tt, return_masks=True)
@@ -216,7 +217,7 @@ def masks_over_t(
     """
     ts = [_check_t(t, schedule) for t in timesteps]
     p, n = x0.shape[0], len(ts)
-    device = next(model.parameters()).device
+    device = model_device(model)
     tt = torch.tensor(ts, dtype=torch.int64, device=device).repeat_interleave(p)
     xt = schedule.add_noise(
         x0.to(device).repeat(n, 1, 1, 1), noise.to(device).repeat(n, 1, 1, 1), tt
@@ -252,7 +253,7 @@ def segment_dataset(
 
     _check_t(t, schedule)
     n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"segment t={t}"):
         idx = list(range(start, min(n, start + batch_size)))
@@ -289,7 +290,7 @@ def generate_with_masks(
         last = st
     if closest is None:
         raise ValueError("sampling visited no timestep to read masks at")
-    device = next(model.parameters()).device
+    device = model_device(model)
     tt = torch.full((shape[0],), closest.t, dtype=torch.int64, device=device)
     _, masks = model(closest.xt.to(device), tt, return_masks=True)
     return last.xt.clamp(-1, 1), masks.to(last.xt.device)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .profiles import model_device
+
 __all__ = ["capture", "decoder_blocks", "DiffusionFeatures", "sample_pixels"]
 
 
@@ -112,7 +114,7 @@ class DiffusionFeatures:
                 f"images must be (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(x0.shape)}"
             )
-        device, out_device = next(self.model.parameters()).device, x0.device
+        device, out_device = model_device(self.model), x0.device
         x0 = x0.to(device)
         noise = self.noise.to(device).expand_as(x0)
         size = self.image_shape[1:]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .profiles import model_device
+
 __all__ = [
     "load_mobilenet_v2",
     "mobilenet_features",
@@ -73,7 +75,7 @@ def _normalise(images: Tensor, size: int | None, model: nn.Module) -> Tensor:
     """Images in [-1, 1] -> ImageNet-normalised RGB at ``size``, on ``model``'s device."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (B, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     x = (images.to(device).float().expand(-1, 3, -1, -1) + 1) / 2
     if size is not None and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

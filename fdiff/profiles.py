@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Profile", "PROFILES", "get_profile", "describe_profile", "default_device"]
+__all__ = [
+    "Profile",
+    "PROFILES",
+    "get_profile",
+    "describe_profile",
+    "default_device",
+    "model_device",
+]
 
 ENV_VAR = "FDIFF_PROFILE"
 
@@ -109,6 +116,12 @@ def get_profile(name: str | None = None) -> Profile:
 def default_device() -> torch.device:
     """Return the device models run on: the first GPU if CUDA is available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_device(model) -> torch.device:
+    """Return the device of a model's parameters (the CPU for a model without any)."""
+    params = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return params.device if params is not None else torch.device("cpu")
 
 
 def describe_profile(profile: Profile | None = None) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .profiles import model_device
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -194,7 +195,7 @@ def sample(
         if xT is None:
             raise ValueError("t_start needs xT, the images at step t_start")
     if device is None:
-        device = _model_device(model)
+        device = model_device(model)
     out = xT.device if xT is not None else torch.device("cpu")
     xt = randn(shape, generator, device=device) if xT is None else xT.to(device)
     if method == "ddpm":
@@ -222,11 +223,6 @@ def sample(
             clip_x0=clip_x0,
         )
         yield Step(t_prev, xt.to(out), x0.to(out))
-
-
-def _model_device(model) -> torch.device:
-    params = next(model.parameters(), None) if hasattr(model, "parameters") else None
-    return params.device if params is not None else torch.device("cpu")
 
 
 def generate(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], **kwargs) -> Tensor:
@@ -282,7 +278,7 @@ def ddim_invert(
     if x0.ndim != 4:
         raise ValueError(f"x0 must have shape (B, C, H, W), got {tuple(x0.shape)}")
     out = x0.device
-    x0 = x0.to(_model_device(model))
+    x0 = x0.to(model_device(model))
     steps = list(reversed(ddim_timesteps(schedule.num_timesteps, num_steps)))  # ascending
     if t_end is not None:
         steps = [t for t in steps if t <= t_end]

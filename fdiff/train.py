@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoints import load_checkpoint, save_checkpoint, save_model
-from .profiles import default_device
+from .profiles import default_device, model_device
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -106,7 +106,7 @@ def denoising_loss(
 
     The inputs are moved to the model's device (a no-op in training, where they already are).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     x0, t, eps = x0.to(device), t.to(device), eps.to(device)
     xt = schedule.add_noise(x0, eps, t)
     return F.mse_loss(model(xt, t).float(), eps)
@@ -190,7 +190,7 @@ def train(
     ``result.snapshots`` and are kept in the resume file, so an interruption loses none of them.
     Returns a :class:`TrainResult`; the EMA model is the one to sample from.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     # Convolutions in channels-last layout: on a 2-core CPU a training step of the cpu profile's
     # U-Net is 1.1-1.2x faster and the factorized model's 1.2-1.3x, whose narrow mask-generator
     # convolutions suffer most from the default layout (benchmarks/factorized_overhead.py).
