@@ -39,6 +39,8 @@ __all__ = [
     "CelebA",
     "FashionMNIST",
     "DATASET_NAMES",
+    "BUILTIN_DATASETS",
+    "builtin_dataset",
     "default_data_root",
     "load_dataset",
     "stack_images",
@@ -296,6 +298,12 @@ class ShapesDataset(SegmentationDataset):
     Objects and background take colours from one palette and carry textures (flat, stripes,
     checkerboard, gradient, blobs), so colour clustering alone does not find the objects.
     Labels are hard: a pixel belongs to the topmost object whose shape contains its centre.
+
+    ``textured=False`` paints every object and the background in one flat colour (the first
+    colour of its texture). The random draws are the same, so with the same ``max_objects`` a
+    scene keeps its shapes, places and colours and only loses its patterns. With
+    ``max_objects=1`` this is the built-in data's simplest form, ``"simple-shapes"``
+    (:data:`BUILTIN_DATASETS`).
     """
 
     CLASS_NAMES: tuple[str, ...] = ("background", "disk", "square", "triangle", "ring", "cross")
@@ -307,8 +315,12 @@ class ShapesDataset(SegmentationDataset):
         seed: int = 0,
         split: str = "train",
         max_objects: int = 4,
+        textured: bool = True,
     ) -> None:
         super().__init__(image_size)
+        if not isinstance(textured, bool):
+            raise TypeError(f"textured must be True or False, got {textured!r}")
+        self.textured = textured
         self.num_images = _check_int(num_images, "num_images", 1)
         self.seed = _check_int(seed, "seed", 0)
         self.max_objects = _check_int(max_objects, "max_objects", 1, 8)
@@ -333,7 +345,8 @@ class ShapesDataset(SegmentationDataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(num_images={self.num_images}, image_size={self.image_size}, "
-            f"seed={self.seed}, split={self.split!r}, max_objects={self.max_objects})"
+            f"seed={self.seed}, split={self.split!r}, max_objects={self.max_objects}, "
+            f"textured={self.textured})"
         )
 
     def _rng(self, index: int) -> np.random.Generator:
@@ -356,6 +369,9 @@ class ShapesDataset(SegmentationDataset):
                     "texture": _sample_texture(rng, _OBJECT_TEXTURES, (3.0, 8.0)),
                 }
             )
+        if not self.textured:  # drawn all the same, so that the scenes do not change
+            for texture in (background, *(obj["texture"] for obj in objects)):
+                texture["kind"] = _TEX_FLAT
         return background, objects
 
     def _render(
@@ -754,12 +770,31 @@ class FashionMNIST(SegmentationDataset):
         return pixels.unsqueeze(0), pixels > _FASHION_THRESHOLD
 
 
-DATASET_NAMES = ("shapes", "pets", "flowers", "celeba", "fashion-mnist")
+# The built-in data and its simplest form, with the ShapesDataset arguments that make each.
+BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
+    "shapes": {"max_objects": 4, "textured": True},
+    "simple-shapes": {"max_objects": 1, "textured": False},  # one flat shape, flat background
+}
+
+
+def builtin_dataset(
+    name: str, num_images: int, image_size: int = 32, seed: int = 0, split: str = "train"
+) -> ShapesDataset:
+    """Return built-in dataset ``name`` (a key of :data:`BUILTIN_DATASETS`) as a ShapesDataset."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(
+            f"unknown built-in dataset {name!r}: expected one of {sorted(BUILTIN_DATASETS)}"
+        )
+    return ShapesDataset(num_images, image_size, seed=seed, split=split, **BUILTIN_DATASETS[name])
+
+
+DATASET_NAMES = ("shapes", "simple-shapes", "pets", "flowers", "celeba", "fashion-mnist")
 
 # Every dataset also accepts the split names of the others where the meaning is clear, so that
 # a training loop can ask for "train" and "test" whatever the dataset.
 _SPLIT_ALIASES = {
     "shapes": {"train": "train", "test": "test", "val": "test", "valid": "test"},
+    "simple-shapes": {"train": "train", "test": "test", "val": "test", "valid": "test"},
     "pets": {"train": "trainval", "trainval": "trainval", "test": "test"},
     "flowers": {"train": "train", "val": "val", "valid": "val", "test": "test"},
     "celeba": {"train": "train", "val": "valid", "valid": "valid", "test": "test"},
@@ -781,7 +816,8 @@ def load_dataset(
     {0, 1}, or -1 everywhere for datasets without masks. ``root`` defaults to
     :func:`default_data_root`. ``split`` accepts ``"train"`` and ``"test"`` everywhere (pets map
     "train" to "trainval") and the datasets' own names ("trainval", "val", "valid").
-    ``"shapes"`` ignores ``root`` and ``download`` and has 10 000 train / 1 000 test images.
+    The built-in ``"shapes"`` and ``"simple-shapes"`` ignore ``root`` and ``download`` and have
+    10 000 train / 1 000 test images.
     """
     if not isinstance(name, str) or name not in _SPLIT_ALIASES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -789,8 +825,8 @@ def load_dataset(
     if split not in aliases:
         raise ValueError(f"{name} split must be one of {sorted(aliases)}, got {split!r}")
     split = aliases[split]
-    if name == "shapes":
-        return ShapesDataset(_SHAPES_SIZES[split], image_size=image_size, split=split)
+    if name in BUILTIN_DATASETS:
+        return builtin_dataset(name, _SHAPES_SIZES[split], image_size, split=split)
     if name == "pets":
         return OxfordPets(root, split=split, image_size=image_size, download=download)
     if name == "flowers":
@@ -916,23 +952,24 @@ def labelled_data(profile, dataset: str | None = None, root=None, download: bool
     """Return the :class:`LabelledData` of a profile: by default the built-in shapes with their
     six classes in ``ci`` and ``cpu``, and Oxford-IIIT Pets (background, pet) in ``gpu``.
 
-    ``dataset`` (else ``$FDIFF_DATASET``) overrides the choice: ``"shapes"``, ``"pets"`` or
-    ``"flowers"``. The real ones are read at the profile's resolution from ``root`` (see
-    :func:`load_dataset`); their test split is cut to the profile's ``num_test_images``.
+    ``dataset`` (else ``$FDIFF_DATASET``) overrides the choice: ``"shapes"``,
+    ``"simple-shapes"``, ``"pets"`` or ``"flowers"``. The real ones are read at the profile's
+    resolution from ``root`` (see :func:`load_dataset`); their test split is cut to the
+    profile's ``num_test_images``.
     """
     if dataset is None:
         dataset = os.environ.get(DATASET_ENV_VAR, "").strip().lower() or None
     if dataset is None:
         dataset = "pets" if profile.name == "gpu" else "shapes"
     size = profile.image_size
-    if dataset == "shapes":
-        train = ShapesDataset(profile.num_train_images, size, split="train")
-        test = ShapesDataset(profile.num_test_images, size, split="test")
-        return LabelledData("shapes", train, test, ShapesDataset.CLASS_NAMES)
+    if dataset in BUILTIN_DATASETS:
+        train = builtin_dataset(dataset, profile.num_train_images, size, split="train")
+        test = builtin_dataset(dataset, profile.num_test_images, size, split="test")
+        return LabelledData(dataset, train, test, ShapesDataset.CLASS_NAMES)
     names = {"pets": "pet", "flowers": "flower"}
     if dataset not in names:
         raise ValueError(
-            f"labelled_data supports shapes, pets and flowers, got {dataset!r} "
+            f"labelled_data supports shapes, simple-shapes, pets and flowers, got {dataset!r} "
             f"(from the dataset argument or ${DATASET_ENV_VAR})"
         )
     train_split = load_dataset(dataset, root, "train", size, download)

@@ -357,9 +357,10 @@ def build_model(kind: str, profile, **factorized) -> nn.Module:
 class Recipe:
     """Everything that determines a trained model: what a checkpoint's name stands for.
 
-    ``dataset``: ``"shapes"`` (the built-in data, the profile's ``num_train_images``) or a real
-    dataset of :data:`~fdiff.data.DATASET_NAMES`, trained on all but its test split at the
-    profile's resolution. Where its files live is not part of the recipe.
+    ``dataset``: ``"shapes"`` or ``"simple-shapes"`` (the built-in data and its simplest form,
+    :data:`~fdiff.data.BUILTIN_DATASETS`, the profile's ``num_train_images``) or a real dataset
+    of :data:`~fdiff.data.DATASET_NAMES`, trained on all but its test split at the profile's
+    resolution. Where its files live is not part of the recipe.
     """
 
     kind: str
@@ -420,13 +421,13 @@ class Recipe:
 
     def data(self, root=None, download: bool = False, split: str = "train", progress=False):
         """Return the recipe's images of ``split`` ("train" or "test")."""
-        from .data import ShapesDataset, load_dataset, training_images
+        from .data import BUILTIN_DATASETS, builtin_dataset, load_dataset, training_images
         from .profiles import get_profile
 
         profile = get_profile(self.profile)
-        if self.dataset == "shapes":
+        if self.dataset in BUILTIN_DATASETS:
             n = profile.num_train_images if split == "train" else profile.num_test_images
-            return ShapesDataset(n, profile.image_size, seed=self.seed, split=split)
+            return builtin_dataset(self.dataset, n, profile.image_size, self.seed, split)
         if split == "train":
             return training_images(self.dataset, root, profile.image_size, download, progress)
         return load_dataset(self.dataset, root, split, profile.image_size, download)
@@ -444,7 +445,7 @@ class Recipe:
         same command with more steps extends.
         """
         profile, model, schedule, config = self._model_schedule_config()
-        size = profile.num_train_images if self.dataset == "shapes" else None
+        size = profile.num_train_images if self.dataset in ("shapes", "simple-shapes") else None
         # The resolved step count, so that "the profile's steps" and the same number given
         # explicitly name one recipe.
         steps = config.steps if with_steps else None
@@ -664,7 +665,8 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset",
         default="shapes",
         choices=DATASET_NAMES,
-        help="training images: the built-in shapes, or a real dataset (all but its test split)",
+        help="training images: the built-in shapes, their simplest form simple-shapes (one flat "
+        "shape on a flat background), or a real dataset (all but its test split)",
     )
     parser.add_argument("--data-root", default=None, help="real datasets' folder")
     parser.add_argument("--download", action="store_true", help="fetch a missing real dataset")

@@ -144,6 +144,37 @@ def test_shapes_max_objects_one():
     assert set(batch["instance"].unique().tolist()) == {0, 1}
 
 
+def test_simple_shapes_are_the_same_scenes_without_their_patterns():
+    from fdiff.data import BUILTIN_DATASETS, builtin_dataset
+
+    simple = builtin_dataset("simple-shapes", 40, 32, split="test")
+    assert (simple.max_objects, simple.textured) == (1, False)
+    assert set(BUILTIN_DATASETS) == {"shapes", "simple-shapes"}
+    textured = ShapesDataset(40, 32, split="test", max_objects=1)
+    a, b = simple.batch(range(40)), textured.batch(range(40))
+    for key in ("mask", "semantic", "instance"):
+        assert torch.equal(a[key], b[key])  # same shapes, places and classes
+    # Inside the object and on the background, away from the antialiased edge, each image is
+    # one colour plus the pixel noise (std 0.02 in [0, 1], 0.04 in [-1, 1]).
+    mask = a["mask"].bool()
+    m = a["mask"][:, None].float()
+    pool = torch.nn.functional.max_pool2d
+    edge = (pool(m, 3, 1, 1) != -pool(-m, 3, 1, 1))[:, 0]
+    for i in range(40):
+        for region in (mask[i] & ~edge[i], ~mask[i] & ~edge[i]):
+            pixels = a["image"][i][:, region]
+            if pixels.shape[1] > 4:  # a thin ring may have no pixel away from its edges
+                assert pixels.std(dim=1).max() < 0.06
+    # The textured version is not flat: its background spread is much larger.
+    spread = b["image"][:, :, ~mask[0]].std(dim=2).mean()
+    assert spread > 0.1
+    assert load_dataset("simple-shapes", split="valid", image_size=16).textured is False
+    with pytest.raises(ValueError, match="unknown built-in dataset 'flat'.*simple-shapes"):
+        builtin_dataset("flat", 4)
+    with pytest.raises(TypeError, match="textured must be True or False"):
+        ShapesDataset(4, textured="no")
+
+
 def test_shapes_occlusion_happens(shapes200):
     ds = ShapesDataset(200, image_size=32, seed=0)
     occluded = 0
@@ -599,6 +630,9 @@ def test_labelled_data_follows_the_profile(tmp_path, monkeypatch):
     assert shapes.dataset == "shapes" and shapes.class_names == ShapesDataset.CLASS_NAMES
     assert len(shapes.train) == ci.num_train_images and len(shapes.test) == ci.num_test_images
     assert set(shapes.test.batch([0, 1])) >= {"image", "semantic"}
+    simple = labelled_data(ci, dataset="simple-shapes")
+    assert simple.dataset == "simple-shapes" and simple.class_names == ShapesDataset.CLASS_NAMES
+    assert simple.train.max_objects == 1 and not simple.test.textured
     # gpu: Oxford-IIIT Pets, whose foreground masks become the classes (background, pet)
     root = make_pets(tmp_path)
     pets = labelled_data(get_profile("gpu"), root=root)

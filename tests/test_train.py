@@ -298,6 +298,13 @@ def test_recipes_name_their_dataset_and_refuse_unknown_ones():
     assert Recipe("unet", "ci", dataset="pets").digest() != Recipe("unet", "ci").digest()
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         Recipe("unet", "ci", dataset="imagenet")
+    simple = Recipe("unet", "ci", dataset="simple-shapes")
+    assert simple.digest() != Recipe("unet", "ci").digest()
+    data = simple.data()
+    assert (data.max_objects, data.textured, len(data)) == (1, False, 256)
+    assert simple.data(split="test").split == "test"
+    shapes = Recipe("unet", "ci").data()
+    assert (shapes.max_objects, shapes.textured) == (4, True)
 
 
 def test_a_committed_checkpoint_is_used_only_for_its_own_recipe():
