@@ -8,11 +8,13 @@ The public API, by concept (one module each):
 - :mod:`fdiff.samplers`: ``sample``, ``generate``, ``ddpm_step``, ``ddim_step``, ``ddim_invert``
 - :mod:`fdiff.train`: ``train``, ``TrainConfig``, ``load_or_train``
 - :mod:`fdiff.checkpoints`: ``save_model``, ``load_model``, ``load_pretrained``
-- :mod:`fdiff.data`: ``ShapesDataset`` (built-in), ``load_dataset`` (real datasets)
+- :mod:`fdiff.data`: ``ShapesDataset`` and ``builtin_dataset`` (built-in), ``load_dataset``
+  (real datasets)
 - :mod:`fdiff.factorized`: ``FactorizedDenoiser``, ``FactorizedConfig``, ``segment``,
   ``segment_dataset``, ``masks_over_t``, ``generate_with_masks``
 - :mod:`fdiff.metrics`: ``foreground_scores``, ``miou``, ``hungarian_miou``, ``fg_ari``,
-  ``mask_stats``, ``frechet_distance``
+  ``mask_stats``, ``decidedness``, ``near_edges``, ``frechet_distance``
+- :mod:`fdiff.recognise`: ``recognise_shapes``, ``fit_shape_classifier``, ``two_colour_split``
 - :mod:`fdiff.baselines`: ``colour_kmeans``, ``grabcut``, ``feature_kmeans``, ``kmeans``
 - :mod:`fdiff.imagenet`: ``load_mobilenet_v2``, ``MobileNetPixelFeatures``, ``pooled_features``
 - :mod:`fdiff.features`: ``capture``, ``decoder_blocks``, ``DiffusionFeatures``, ``sample_pixels``

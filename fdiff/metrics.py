@@ -4,7 +4,8 @@ Foreground/background: the predicted region that best matches the true foregroun
 foreground (``foreground_scores``). Multi-region: predicted regions are matched to classes by the
 Hungarian algorithm on IoU (``hungarian_miou``). Object-centric: adjusted Rand index over the
 foreground pixels (``fg_ari``). Collapse of a factorized model: ``mask_stats`` (entropy and area
-balance of soft masks).
+balance of soft masks). Where masks decide: ``decidedness`` per pixel, ``near_edges`` to split
+pixels into those next to an outline and those inside flat regions.
 
 Inputs are integer label maps: ``pred`` (B, H, W) with values in [0, K), ``target`` (B, H, W)
 with values in [0, C) and -1 for pixels to ignore.
@@ -27,6 +28,8 @@ __all__ = [
     "adjusted_rand_index",
     "fg_ari",
     "mask_stats",
+    "near_edges",
+    "decidedness",
     "frechet_distance",
     "miou",
 ]
@@ -195,6 +198,31 @@ def mask_stats(masks: Tensor) -> dict[str, float]:
         "areas": [float(a) for a in areas.mean(0)],
         "largest_area": float(areas.max(1).values.mean()),
     }
+
+
+def near_edges(labels: Tensor, border: bool = True) -> Tensor:
+    """Return bool (B, H, W): the pixels within one pixel (8-neighbourhood) of a change of label
+    in ``labels`` (B, H, W), and with ``border`` also the image's outermost rows and columns."""
+    if labels.ndim != 3:
+        raise ValueError(f"labels must have shape (B, H, W), got {tuple(labels.shape)}")
+    x = labels[:, None].float()
+    pool = torch.nn.functional.max_pool2d
+    # A label differs from a neighbour's exactly where the 3x3 max and min disagree.
+    edge = (pool(x, 3, 1, 1) != -pool(-x, 3, 1, 1))[:, 0]
+    if border:
+        edge[:, [0, -1], :] = True
+        edge[:, :, [0, -1]] = True
+    return edge
+
+
+def decidedness(masks: Tensor) -> Tensor:
+    """Return (B, H, W) in [0, 1]: how far each pixel's soft masks (B, K, H, W) are from uniform,
+    (K max_k m_k - 1) / (K - 1): 0 when every region has 1/K, 1 when one region has it all."""
+    if masks.ndim != 4 or masks.shape[1] < 2:
+        shape = tuple(masks.shape)
+        raise ValueError(f"masks must have shape (B, K, H, W) with K >= 2, got {shape}")
+    k = masks.shape[1]
+    return (k * masks.float().amax(1) - 1) / (k - 1)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

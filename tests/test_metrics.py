@@ -155,3 +155,31 @@ def test_merge_regions_has_the_best_accuracy_of_any_reading():
         for reading in itertools.product([0, 1], repeat=3):  # every region -> class assignment
             other = torch.tensor(reading)[pred[i]]
             assert (other == fg[i]).float().mean() <= best + 1e-9
+
+
+def test_near_edges_by_hand():
+    from fdiff.metrics import near_edges
+
+    labels = torch.zeros(1, 7, 7, dtype=torch.long)
+    labels[0, 3, 3] = 1  # one pixel: it and its 8 neighbours are next to a change
+    inner = near_edges(labels, border=False)
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    expected[2:5, 2:5] = True
+    assert torch.equal(inner[0], expected)
+    with_border = near_edges(labels)
+    assert with_border[0, 0].all() and with_border[0, :, -1].all()
+    assert with_border[0].sum() == 9 + 24  # the 3x3 block and the 24 border pixels
+    assert not near_edges(torch.zeros(2, 5, 5, dtype=torch.long), border=False).any()
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        near_edges(torch.zeros(5, 5))
+
+
+def test_decidedness_by_hand():
+    from fdiff.metrics import decidedness
+
+    masks = torch.tensor([[0.5, 1.0, 0.75], [0.5, 0.0, 0.25]]).view(1, 2, 1, 3)
+    torch.testing.assert_close(decidedness(masks)[0, 0], torch.tensor([0.0, 1.0, 0.5]))
+    uniform3 = torch.full((1, 3, 2, 2), 1 / 3)
+    torch.testing.assert_close(decidedness(uniform3), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="K >= 2"):
+        decidedness(torch.ones(1, 1, 2, 2))
