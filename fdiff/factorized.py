@@ -73,7 +73,7 @@ class FactorizedConfig:
         )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "unet": self.unet.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> FactorizedConfig:

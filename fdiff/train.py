@@ -332,9 +332,10 @@ def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config:
 # -- training a profile's model: the command line and the chapters' "load or train" ------------
 
 
-def build_model(kind: str, profile, **factorized) -> nn.Module:
+def build_model(kind: str, profile, padding: str = "zeros", **factorized) -> nn.Module:
     """Return a freshly initialised model of ``kind`` sized by ``profile``.
 
+    ``padding``: the convolutions' padding mode (:attr:`~fdiff.unet.UNetConfig.padding_mode`).
     ``factorized``: :class:`~fdiff.factorized.FactorizedConfig` fields (``num_regions``,
     ``mode``, ``shared_decoder``, ``mask_noise``) for the factorized model and its ablation
     variants.
@@ -347,9 +348,10 @@ def build_model(kind: str, profile, **factorized) -> nn.Module:
             v != FactorizedConfig.__dataclass_fields__[k].default for k, v in factorized.items()
         ):
             raise ValueError(f"{sorted(factorized)} only apply to --model factorized")
-        return UNet(UNetConfig.from_profile(profile))
+        return UNet(UNetConfig.from_profile(profile, padding_mode=padding))
     if kind == "factorized":
-        return FactorizedDenoiser(FactorizedConfig(UNetConfig.from_profile(profile), **factorized))
+        unet = UNetConfig.from_profile(profile, padding_mode=padding)
+        return FactorizedDenoiser(FactorizedConfig(unet, **factorized))
     raise ValueError(f"unknown model kind {kind!r}: expected 'unet' or 'factorized'")
 
 
@@ -374,6 +376,7 @@ class Recipe:
     shared_decoder: bool = True
     mask_noise: float = 0.0
     dataset: str = "shapes"
+    padding: str = "zeros"  # the convolutions' padding mode
 
     def __post_init__(self):
         from .data import DATASET_NAMES
@@ -393,6 +396,7 @@ class Recipe:
             model = build_model(
                 self.kind,
                 profile,
+                padding=self.padding,
                 num_regions=self.num_regions,
                 mode=self.mode,
                 shared_decoder=self.shared_decoder,
@@ -449,9 +453,12 @@ class Recipe:
         # The resolved step count, so that "the profile's steps" and the same number given
         # explicitly name one recipe.
         steps = config.steps if with_steps else None
+        fields = asdict(replace(self, steps=steps))
+        if fields["padding"] == "zeros":  # as before the option existed: old names still hold
+            del fields["padding"]
         blob = json.dumps(
             [
-                asdict(replace(self, steps=steps)),
+                fields,
                 model.config.to_dict(),
                 schedule.config(),
                 asdict(replace(config, steps=steps or 1)),
@@ -668,6 +675,12 @@ def _parser() -> argparse.ArgumentParser:
         help="training images: the built-in shapes, their simplest form simple-shapes (one flat "
         "shape on a flat background), or a real dataset (all but its test split)",
     )
+    parser.add_argument(
+        "--padding",
+        default="zeros",
+        choices=["zeros", "replicate"],
+        help="how convolutions pad the image's border (replicate: repeat the border pixels)",
+    )
     parser.add_argument("--data-root", default=None, help="real datasets' folder")
     parser.add_argument("--download", action="store_true", help="fetch a missing real dataset")
     return parser
@@ -689,6 +702,7 @@ def _recipe_from_args(args: argparse.Namespace, profile: str | None = None) -> R
         shared_decoder=not args.unshared_decoders,
         mask_noise=args.mask_noise,
         dataset=args.dataset,
+        padding=args.padding,
     )
 
 

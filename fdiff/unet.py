@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+PADDING_MODES = ("zeros", "replicate", "reflect", "circular")
+
 __all__ = ["UNetConfig", "UNet", "Encoder", "Middle", "Decoder", "timestep_embedding"]
 
 
@@ -38,8 +40,15 @@ class UNetConfig:
     dropout: float = 0.0
     cond_dim: int = 0  # 0: unconditional
     groups: int = 8
+    # How 3x3 convolutions see beyond the image's border: "zeros" (the usual) makes the outermost
+    # pixels look different from the rest; "replicate" repeats the border pixels.
+    padding_mode: str = "zeros"
 
     def __post_init__(self):
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}"
+            )
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         if self.attention_levels is not None:
             object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
@@ -78,7 +87,12 @@ class UNetConfig:
         return [m * self.base_channels for m in self.channel_mults]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # Left out at its default, so that configs saved before the option existed (and the
+        # recipe digests computed from them) are unchanged.
+        if d["padding_mode"] == "zeros":
+            del d["padding_mode"]
+        return d
 
     @classmethod
     def from_profile(cls, profile, **overrides) -> UNetConfig:
@@ -110,14 +124,22 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time (and condition) embedding added in between."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float,
+        groups: int,
+        padding_mode: str = "zeros",
+    ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
         self.emb = nn.Linear(emb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -164,7 +186,9 @@ class Block(nn.Module):
         self, in_ch: int, out_ch: int, cfg: UNetConfig, attention: bool, emb_dim: int | None = None
     ):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim or cfg.emb_dim, cfg.dropout, cfg.groups)
+        self.res = ResBlock(
+            in_ch, out_ch, emb_dim or cfg.emb_dim, cfg.dropout, cfg.groups, cfg.padding_mode
+        )
         self.attn = Attention(out_ch, cfg.num_heads, cfg.groups) if attention else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -177,7 +201,10 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.conv_in = nn.Conv2d(cfg.image_channels, cfg.base_channels, 3, padding=1)
+        pad = cfg.padding_mode
+        self.conv_in = nn.Conv2d(
+            cfg.image_channels, cfg.base_channels, 3, padding=1, padding_mode=pad
+        )
         self.blocks = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         ch = cfg.base_channels
@@ -188,7 +215,9 @@ class Encoder(nn.Module):
                 ch = width
                 self.skip_channels.append(ch)
             if level < len(cfg.channel_mults) - 1:
-                self.downsamplers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.downsamplers.append(
+                    nn.Conv2d(ch, ch, 3, stride=2, padding=1, padding_mode=pad)
+                )
                 self.skip_channels.append(ch)
         self.num_res_blocks = cfg.num_res_blocks
         self.out_channels = ch
@@ -229,9 +258,9 @@ class DecoderLevel(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding_mode: str = "zeros"):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1, padding_mode=padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -267,10 +296,13 @@ class Decoder(nn.Module):
                     Block(ch + skip_channels.pop(), widths[level], cfg, attention, emb_dim)
                 )
                 ch = widths[level]
-            levels.append(DecoderLevel(blocks, Upsample(ch) if level > 0 else None))
+            upsample = Upsample(ch, cfg.padding_mode) if level > 0 else None
+            levels.append(DecoderLevel(blocks, upsample))
         self.levels = nn.ModuleList(levels)
         self.norm_out = nn.GroupNorm(cfg.groups, ch)
-        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(
+            ch, out_channels, 3, padding=1, padding_mode=cfg.padding_mode
+        )
         self.block_channels = [b.res.conv2.out_channels for lv in self.levels for b in lv.blocks]
 
     @property

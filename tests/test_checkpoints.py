@@ -24,6 +24,19 @@ def test_model_round_trip(tmp_path, tiny_unet):
     torch.testing.assert_close(loaded(x, t), tiny_unet(x, t), rtol=0, atol=0)
 
 
+def test_a_replicate_padded_factorized_model_round_trips(tmp_path):
+    from fdiff.factorized import FactorizedConfig, FactorizedDenoiser
+
+    torch.manual_seed(0)
+    unet = UNetConfig(base_channels=16, channel_mults=(1, 2), num_heads=2,
+                      padding_mode="replicate")
+    model = FactorizedDenoiser(FactorizedConfig(unet)).eval()
+    loaded, _ = load_model(save_model(tmp_path / "f.safetensors", model))
+    assert loaded.config.unet.padding_mode == "replicate"
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([3])
+    torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)
+
+
 def test_file_holds_no_pickle(tmp_path, tiny_unet):
     path = save_model(tmp_path / "m.safetensors", tiny_unet)
     header_len = int.from_bytes(path.read_bytes()[:8], "little")

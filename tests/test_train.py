@@ -272,7 +272,8 @@ def test_recipes_build_the_factorized_variants_and_refuse_them_for_a_unet():
         Recipe(kind="unet", profile="ci", num_regions=3).parts()
 
 
-def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
+def _recipe_the_command_trains(monkeypatch, tmp_path, argv):
+    """Run the training command up to the point where it would train; return its recipe."""
     from fdiff import train as train_module
 
     seen = {}
@@ -284,12 +285,32 @@ def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
     monkeypatch.setattr(train_module, "run_recipe", fake_run)
     monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
     with pytest.raises(SystemExit):
-        train_module.main(["--model", "factorized", "--profile", "ci", "--name", "x",
-                           "--regions", "4", "--mode", "mask_mid", "--unshared-decoders",
-                           "--mask-noise", "1"])
-    r = seen["recipe"]
+        train_module.main(argv)
+    return seen["recipe"]
+
+
+def test_command_line_passes_the_variant_to_the_recipe(monkeypatch, tmp_path):
+    r = _recipe_the_command_trains(
+        monkeypatch, tmp_path,
+        ["--model", "factorized", "--profile", "ci", "--name", "x", "--regions", "4",
+         "--mode", "mask_mid", "--unshared-decoders", "--mask-noise", "1"])
     assert (r.num_regions, r.mode, r.shared_decoder, r.mask_noise) == (4, "mask_mid", False, 1.0)
     assert r.dataset == "shapes"
+
+
+def test_the_padding_option_reaches_both_models_and_names_its_own_recipe(monkeypatch, tmp_path):
+    from fdiff.train import Recipe
+
+    for kind in ("unet", "factorized"):
+        model = Recipe(kind, "ci", padding="replicate").parts()[0]
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.padding[0]]
+        assert convs and all(m.padding_mode == "replicate" for m in convs)
+        replicate = Recipe(kind, "ci", padding="replicate")
+        assert replicate.digest() != Recipe(kind, "ci").digest()
+        assert not replicate.same_model(Recipe(kind, "ci"))
+    argv = ["--model", "factorized", "--profile", "ci", "--name", "x", "--padding", "replicate"]
+    assert _recipe_the_command_trains(monkeypatch, tmp_path, argv).padding == "replicate"
+    assert Recipe.from_command("--model unet --profile ci --name y").padding == "zeros"
 
 
 def test_recipes_name_their_dataset_and_refuse_unknown_ones():

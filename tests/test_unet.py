@@ -65,6 +65,34 @@ def test_config_round_trip():
     assert cfg.channel_mults == (1, 2)
 
 
+def test_replicate_padding_has_no_border_artefact():
+    # A flat image carries no information about where its border is. With replicate padding
+    # every layer keeps it flat, so the predicted noise is the same at every pixel; zero
+    # padding makes the outermost pixels differ.
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    t = torch.tensor([40])
+    spread = {}
+    for mode in ("zeros", "replicate"):
+        torch.manual_seed(0)
+        cfg = UNetConfig(base_channels=16, channel_mults=(1, 2), num_heads=2, padding_mode=mode)
+        out = UNet(cfg)(flat, t)
+        spread[mode] = (out - out[..., 8:9, 8:9]).abs().max().item()
+    assert spread["replicate"] < 1e-5
+    assert spread["zeros"] > 1e-3
+
+
+def test_padding_mode_round_trips_and_zeros_is_left_out_of_the_config():
+    cfg = UNetConfig(base_channels=16, channel_mults=(1, 2), num_heads=2, padding_mode="replicate")
+    assert cfg.to_dict()["padding_mode"] == "replicate"
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    # Configs saved before the option existed have no such key and mean zero padding.
+    plain = dataclasses.replace(cfg, padding_mode="zeros")
+    assert "padding_mode" not in plain.to_dict()
+    assert UNetConfig.from_dict(plain.to_dict()).padding_mode == "zeros"
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        UNetConfig(padding_mode="mirror")
+
+
 def test_bad_inputs_raise_clear_errors(tiny_unet):
     xt, t = _xt()
     with pytest.raises(ValueError, match="not divisible by 2"):
