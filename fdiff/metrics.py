@@ -29,6 +29,7 @@ __all__ = [
     "fg_ari",
     "mask_stats",
     "near_edges",
+    "image_frame",
     "decidedness",
     "frechet_distance",
     "miou",
@@ -210,9 +211,23 @@ def near_edges(labels: Tensor, border: bool = True) -> Tensor:
     # A label differs from a neighbour's exactly where the 3x3 max and min disagree.
     edge = (pool(x, 3, 1, 1) != -pool(-x, 3, 1, 1))[:, 0]
     if border:
-        edge[:, [0, -1], :] = True
-        edge[:, :, [0, -1]] = True
+        edge |= image_frame(*labels.shape[-2:], device=labels.device)
     return edge
+
+
+def image_frame(height: int, width: int | None = None, thickness: int = 1, device=None) -> Tensor:
+    """Return bool (H, W): the image's outermost ``thickness`` rows and columns (``width``
+    defaults to ``height``). With ``thickness=1`` these are the pixels whose 3x3 convolutions
+    reach into the padding around the image."""
+    width = height if width is None else width
+    if thickness < 1 or 2 * thickness >= min(height, width):
+        raise ValueError(
+            f"thickness must be at least 1 and leave an inside, got {thickness} for a "
+            f"{height}x{width} image"
+        )
+    frame = torch.ones(height, width, dtype=torch.bool, device=device)
+    frame[thickness:-thickness, thickness:-thickness] = False
+    return frame
 
 
 def decidedness(masks: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ import argparse
 from fdiff.baselines import colour_kmeans
 from fdiff.data import builtin_dataset
 from fdiff.factorized import segment_dataset
-from fdiff.metrics import decidedness, foreground_scores, mask_stats, near_edges
+from fdiff.metrics import decidedness, foreground_scores, image_frame, mask_stats, near_edges
 from fdiff.profiles import get_profile
 from fdiff.schedules import NoiseSchedule
 from fdiff.train import load_or_train
@@ -49,9 +49,8 @@ def main() -> None:
     batch = test.batch(list(range(len(test))))
     fg = batch["mask"]
     edge = near_edges(fg)
-    inner = fg.clone()
-    inner[:, [0, -1], :] = -1  # ignored: the frame, where convolutions reach into padding
-    inner[:, :, [0, -1]] = -1
+    # Ignored: the image's frame, where convolutions reach into padding.
+    inner = fg.masked_fill(image_frame(*fg.shape[-2:]), -1)
     print(f"{info['steps']} steps; {len(test)} held-out images; the shape covers "
           f"{fg.float().mean():.2f} of the pixels, edges {edge.float().mean():.2f}")
     colour = foreground_scores(colour_kmeans(batch["image"], 2), fg, per_image=True)

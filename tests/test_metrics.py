@@ -174,6 +174,18 @@ def test_near_edges_by_hand():
         near_edges(torch.zeros(5, 5))
 
 
+def test_image_frame_by_hand():
+    from fdiff.metrics import image_frame
+
+    frame = image_frame(4, 5)
+    assert frame.shape == (4, 5) and frame.dtype == torch.bool
+    assert frame.sum() == 4 * 5 - 2 * 3  # all but the 2x3 inside
+    assert not frame[1:3, 1:4].any() and frame[0].all() and frame[:, -1].all()
+    assert image_frame(6, thickness=2).sum() == 36 - 4
+    with pytest.raises(ValueError, match="thickness"):
+        image_frame(4, thickness=2)
+
+
 def test_decidedness_by_hand():
     from fdiff.metrics import decidedness
 
