@@ -313,6 +313,57 @@ def test_the_padding_option_reaches_both_models_and_names_its_own_recipe(monkeyp
     assert Recipe.from_command("--model unet --profile ci --name y").padding == "zeros"
 
 
+def test_min_snr_weighting_matches_its_formula_and_reduces_to_the_plain_loss():
+    schedule = NoiseSchedule("cosine", 100)
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    t = torch.tensor([0, 10, 60, 99])
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        plain = denoising_loss(model, schedule, x0, t, eps)
+        weighted = denoising_loss(model, schedule, x0, t, eps, min_snr_gamma=5.0)
+        per_image = (model(schedule.add_noise(x0, eps, t), t) - eps).pow(2).mean((1, 2, 3))
+        # A gamma above every timestep's SNR leaves all weights at 1.
+        huge = float(schedule.snr(torch.tensor([0])).item()) * 10
+        same = denoising_loss(model, schedule, x0, t, eps, min_snr_gamma=huge)
+    snr = schedule.snr(t)
+    expected = (per_image * torch.minimum(snr, torch.tensor(5.0)) / snr).mean()
+    torch.testing.assert_close(weighted, expected)
+    torch.testing.assert_close(same, plain)
+    assert snr[0] > 5 > snr[-1]  # the weights really differ across these timesteps
+    assert weighted < plain  # low-noise timesteps are down-weighted, never up-weighted
+    with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
+        denoising_loss(model, schedule, x0, t, eps, min_snr_gamma=-1.0)
+
+
+def test_the_min_snr_option_reaches_the_training_loss_and_names_its_own_recipe(
+    monkeypatch, tmp_path
+):
+    from fdiff.train import Recipe
+
+    plain, weighted = Recipe("unet", "ci"), Recipe("unet", "ci", min_snr_gamma=5.0)
+    assert plain.loss_fn is denoising_loss
+    assert weighted.loss_fn.keywords == {"min_snr_gamma": 5.0}
+    assert weighted.digest() != plain.digest() and not weighted.same_model(plain)
+    assert Recipe("unet", "ci", min_snr_gamma=0.0).digest() == plain.digest()
+    with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
+        Recipe("unet", "ci", min_snr_gamma=-5.0)
+    from fdiff import train as train_module
+
+    def fake_train(*args, loss_fn, **kwargs):
+        raise RuntimeError(loss_fn)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(RuntimeError) as caught:
+        train_module.run_recipe(weighted, tmp_path / "run.safetensors", progress=False)
+    assert caught.value.args[0].keywords == {"min_snr_gamma": 5.0}
+
+    argv = ["--model", "unet", "--profile", "ci", "--name", "x", "--min-snr-gamma", "5"]
+    assert _recipe_the_command_trains(monkeypatch, tmp_path, argv).min_snr_gamma == 5.0
+    assert Recipe.from_command("--model unet --profile ci --name y").min_snr_gamma == 0.0
+
+
 def test_recipes_name_their_dataset_and_refuse_unknown_ones():
     from fdiff.train import Recipe
 
