@@ -116,7 +116,7 @@ def denoising_loss(
     the picture's layout is decided get a larger share. 0 (the default) is the plain mean.
     The inputs are moved to the model's device (a no-op in training, where they already are).
     """
-    if min_snr_gamma < 0:
+    if not min_snr_gamma >= 0:  # also refuses NaN
         raise ValueError(f"min_snr_gamma must be >= 0 (0: unweighted), got {min_snr_gamma}")
     device = model_device(model)
     x0, t, eps = x0.to(device), t.to(device), eps.to(device)

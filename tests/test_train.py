@@ -333,8 +333,9 @@ def test_min_snr_weighting_matches_its_formula_and_reduces_to_the_plain_loss():
     torch.testing.assert_close(same, plain)
     assert snr[0] > 5 > snr[-1]  # the weights really differ across these timesteps
     assert weighted < plain  # low-noise timesteps are down-weighted, never up-weighted
-    with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
-        denoising_loss(model, schedule, x0, t, eps, min_snr_gamma=-1.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
+            denoising_loss(model, schedule, x0, t, eps, min_snr_gamma=bad)
 
 
 def test_the_min_snr_option_reaches_the_training_loss_and_names_its_own_recipe(
