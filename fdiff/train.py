@@ -348,10 +348,14 @@ def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config:
 # -- training a profile's model: the command line and the chapters' "load or train" ------------
 
 
-def build_model(kind: str, profile, padding: str = "zeros", **factorized) -> nn.Module:
+def build_model(
+    kind: str, profile, padding: str = "zeros", res_blocks: int | None = None, **factorized
+) -> nn.Module:
     """Return a freshly initialised model of ``kind`` sized by ``profile``.
 
     ``padding``: the convolutions' padding mode (:attr:`~fdiff.unet.UNetConfig.padding_mode`).
+    ``res_blocks``: residual blocks per resolution, instead of the profile's
+    (:attr:`~fdiff.unet.UNetConfig.num_res_blocks`).
     ``factorized``: :class:`~fdiff.factorized.FactorizedConfig` fields (``num_regions``,
     ``mode``, ``shared_decoder``, ``mask_noise``) for the factorized model and its ablation
     variants.
@@ -359,14 +363,17 @@ def build_model(kind: str, profile, padding: str = "zeros", **factorized) -> nn.
     from .factorized import FactorizedConfig, FactorizedDenoiser
     from .unet import UNet, UNetConfig
 
+    overrides = {"padding_mode": padding}
+    if res_blocks is not None:
+        overrides["num_res_blocks"] = res_blocks
     if kind == "unet":
         if any(
             v != FactorizedConfig.__dataclass_fields__[k].default for k, v in factorized.items()
         ):
             raise ValueError(f"{sorted(factorized)} only apply to --model factorized")
-        return UNet(UNetConfig.from_profile(profile, padding_mode=padding))
+        return UNet(UNetConfig.from_profile(profile, **overrides))
     if kind == "factorized":
-        unet = UNetConfig.from_profile(profile, padding_mode=padding)
+        unet = UNetConfig.from_profile(profile, **overrides)
         return FactorizedDenoiser(FactorizedConfig(unet, **factorized))
     raise ValueError(f"unknown model kind {kind!r}: expected 'unet' or 'factorized'")
 
@@ -394,6 +401,7 @@ class Recipe:
     dataset: str = "shapes"
     padding: str = "zeros"  # the convolutions' padding mode
     min_snr_gamma: float = 0.0  # loss weighting (denoising_loss); 0: unweighted
+    res_blocks: int | None = None  # residual blocks per resolution; None: the profile's
 
     def __post_init__(self):
         from .data import DATASET_NAMES
@@ -405,6 +413,15 @@ class Recipe:
         if not self.min_snr_gamma >= 0:
             raise ValueError(
                 f"min_snr_gamma must be >= 0 (0: unweighted), got {self.min_snr_gamma}"
+            )
+        if self.res_blocks is not None and (
+            not isinstance(self.res_blocks, int)
+            or isinstance(self.res_blocks, bool)
+            or self.res_blocks < 1
+        ):
+            raise ValueError(
+                "res_blocks must be a positive integer (None: the profile's), "
+                f"got {self.res_blocks!r}"
             )
 
     def _model_schedule_config(self):
@@ -418,6 +435,7 @@ class Recipe:
                 self.kind,
                 profile,
                 padding=self.padding,
+                res_blocks=self.res_blocks,
                 num_regions=self.num_regions,
                 mode=self.mode,
                 shared_decoder=self.shared_decoder,
@@ -487,6 +505,8 @@ class Recipe:
             del fields["padding"]
         if not fields["min_snr_gamma"]:
             del fields["min_snr_gamma"]
+        if fields["res_blocks"] in (None, profile.num_res_blocks):
+            del fields["res_blocks"]
         blob = json.dumps(
             [
                 fields,
@@ -625,8 +645,8 @@ def load_or_train(
     profile and recipe, else a cached self-trained one, else train it now (resumable) and
     cache it. The model is in eval mode on ``device`` (default: a GPU if there is one).
 
-    ``recipe``: further :class:`Recipe` fields (``steps``, ``num_regions``, ``mode``,
-    ``shared_decoder``, ``dataset``...). ``root``/``download``: where a real dataset is.
+    ``recipe``: further :class:`Recipe` fields (``steps``, ``res_blocks``, ``num_regions``,
+    ``mode``, ``shared_decoder``, ``dataset``...). ``root``/``download``: where a real dataset is.
     The cache file name includes a hash of the full recipe, so a stale file is never loaded.
     On Colab, point ``FDIFF_CACHE`` at Google Drive to keep checkpoints across disconnects.
     """
@@ -719,6 +739,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="weight each timestep's loss by min(SNR, gamma) / SNR (Min-SNR; 0: unweighted)",
     )
+    parser.add_argument(
+        "--res-blocks",
+        type=int,
+        default=None,
+        help="residual blocks per resolution (default: the profile's)",
+    )
     parser.add_argument("--data-root", default=None, help="real datasets' folder")
     parser.add_argument("--download", action="store_true", help="fetch a missing real dataset")
     return parser
@@ -742,6 +768,7 @@ def _recipe_from_args(args: argparse.Namespace, profile: str | None = None) -> R
         dataset=args.dataset,
         padding=args.padding,
         min_snr_gamma=args.min_snr_gamma,
+        res_blocks=args.res_blocks,
     )
 
 

@@ -97,12 +97,12 @@ class UNetConfig:
     @classmethod
     def from_profile(cls, profile, **overrides) -> UNetConfig:
         """Return the config of the profile's U-Net (widths and depth), with ``overrides``."""
-        return cls(
-            base_channels=profile.base_channels,
-            channel_mults=profile.channel_mults,
-            num_res_blocks=profile.num_res_blocks,
-            **overrides,
-        )
+        fields = {
+            "base_channels": profile.base_channels,
+            "channel_mults": profile.channel_mults,
+            "num_res_blocks": profile.num_res_blocks,
+        }
+        return cls(**{**fields, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:

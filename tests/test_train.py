@@ -365,6 +365,29 @@ def test_the_min_snr_option_reaches_the_training_loss_and_names_its_own_recipe(
     assert Recipe.from_command("--model unet --profile ci --name y").min_snr_gamma == 0.0
 
 
+def test_the_depth_option_builds_deeper_models_and_names_its_own_recipe(monkeypatch, tmp_path):
+    from fdiff.profiles import get_profile
+    from fdiff.train import Recipe
+
+    default = get_profile("ci").num_res_blocks
+    for kind in ("unet", "factorized"):
+        plain, deep = Recipe(kind, "ci"), Recipe(kind, "ci", res_blocks=default + 1)
+        model = deep.parts()[0]
+        unet_cfg = model.config if kind == "unet" else model.config.unet
+        assert unet_cfg.num_res_blocks == default + 1
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert count(model) > count(plain.parts()[0])
+        assert deep.digest() != plain.digest() and not deep.same_model(plain)
+        # The profile's own depth, given explicitly, is the same recipe as leaving it out.
+        assert Recipe(kind, "ci", res_blocks=default).digest() == plain.digest()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="res_blocks must be a positive integer"):
+            Recipe("unet", "ci", res_blocks=bad)
+    argv = ["--model", "unet", "--profile", "ci", "--name", "x", "--res-blocks", "3"]
+    assert _recipe_the_command_trains(monkeypatch, tmp_path, argv).res_blocks == 3
+    assert Recipe.from_command("--model unet --profile ci --name y").res_blocks is None
+
+
 def test_recipes_name_their_dataset_and_refuse_unknown_ones():
     from fdiff.train import Recipe
 
