@@ -113,7 +113,9 @@ def save_model(
     """
     kinds = {cls: name for name, cls in _model_kinds().items()}
     if type(model) not in kinds:
-        raise TypeError(f"cannot save a {type(model).__name__}: expected one of {sorted(kinds)}")
+        raise TypeError(
+            f"cannot save a {type(model).__name__}: expected one of {sorted(kinds.values())}"
+        )
     metadata = {"kind": kinds[type(model)], "config": model.config.to_dict(), **(extra or {})}
     state = {**model.state_dict(), **{_EXTRA + k: v for k, v in (tensors or {}).items()}}
     return save_checkpoint(path, state, metadata)

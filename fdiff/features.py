@@ -60,7 +60,10 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def _decoder(model: nn.Module) -> nn.Module:
     decoder = getattr(model, "decoder", None) or getattr(model, "mask_decoder", None)
     if decoder is None:
-        raise TypeError(f"{type(model).__name__} has no decoder to probe")
+        raise TypeError(
+            f"expected a UNet or a FactorizedDenoiser, got {type(model).__name__}, which has no "
+            "decoder to probe"
+        )
     return decoder
 
 

@@ -45,7 +45,7 @@ def _check_labels(pred: Tensor, target: Tensor) -> None:
     if pred.is_floating_point() or target.is_floating_point():
         raise TypeError("pred and target must be integer label maps (use masks.argmax(1))")
     if pred.numel() and int(pred.min()) < 0:
-        raise ValueError("pred must have labels >= 0")
+        raise ValueError(f"pred must have labels >= 0, got a minimum of {int(pred.min())}")
 
 
 def confusion(pred: Tensor, target: Tensor, num_pred: int, num_target: int) -> Tensor:
@@ -254,7 +254,7 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
             f"expected (N, D) and (M, D) features, got {tuple(a.shape)}, {tuple(b.shape)}"
         )
     if len(a) < 2 or len(b) < 2:
-        raise ValueError("need at least two samples per set")
+        raise ValueError(f"need at least two samples per set, got {len(a)} and {len(b)}")
     x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)

@@ -50,7 +50,10 @@ class ProbeConfig:
 
     def __post_init__(self):
         if self.ensemble_size < 1 or self.max_epochs < 1 or self.batch_size < 1:
-            raise ValueError("ensemble_size, max_epochs and batch_size must be >= 1")
+            raise ValueError(
+                "ensemble_size, max_epochs and batch_size must be >= 1, got "
+                f"{self.ensemble_size}, {self.max_epochs}, {self.batch_size}"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -90,7 +93,9 @@ class ProbeEnsemble:
                 f"expected X (N, {self.in_dim}) and y (N,), got {tuple(X.shape)}, {tuple(y.shape)}"
             )
         if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {int(y.min())}..")
+            raise ValueError(
+                f"labels must be in [0, {self.num_classes}), got {int(y.min())}..{int(y.max())}"
+            )
         cfg = self.config
         self.mean, self.std = X.mean(0), X.std(0).clamp(min=1e-6)
         Xn = (X - self.mean) / self.std

@@ -118,7 +118,8 @@ def fit_shapes(
     from .data import _shape_sdf
 
     if not isinstance(figure, Tensor) or figure.ndim != 3 or figure.dtype != torch.bool:
-        raise ValueError("figure must be a bool tensor of shape (B, H, W)")
+        got = (figure.dtype, tuple(figure.shape)) if isinstance(figure, Tensor) else type(figure)
+        raise ValueError(f"figure must be a bool tensor of shape (B, H, W), got {got}")
     figs = figure.cpu().numpy()
     b, h, w = figs.shape
     areas = _unit_areas()

@@ -188,6 +188,10 @@ def sample(
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
+    if xT is not None and tuple(xT.shape) != tuple(shape):
+        raise ValueError(f"xT must have the given shape {tuple(shape)}, got {tuple(xT.shape)}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
     T = schedule.num_timesteps
     if t_start is not None:
         if not isinstance(t_start, int) or not 0 <= t_start < T:

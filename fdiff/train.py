@@ -616,7 +616,8 @@ def partition_snapshots(tensors: dict[str, Tensor]) -> Tensor:
 
     ``tensors``: the ``meta["tensors"]`` of the checkpoint. Returns uint8 (S, P, n_t, K, H, W)
     in 0..255 (S snapshots of P probe images at n_t timesteps): the stored K - 1 masks and the
-    last one as 255 minus their sum, so the K masks sum to 255 exactly.
+    last one as 255 minus their sum, so the K masks sum to 255 (exactly for K = 2; for more
+    regions the K - 1 stored roundings can push the sum a little past it).
     """
     if "snapshot_masks" not in tensors:
         raise KeyError("no partition snapshots here: only factorized training records them")

@@ -376,10 +376,14 @@ def check_input(cfg: UNetConfig, xt: Tensor, t: Tensor) -> None:
             f"image size {tuple(xt.shape[2:])} is not divisible by {f}, the U-Net's downsampling "
             f"factor (2 ** (len(channel_mults) - 1)); resize or pad the images"
         )
-    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (xt.shape[0],):
+    if not isinstance(t, Tensor) or t.dtype != torch.int64:
         raise TypeError(
             f"t must be an int64 tensor of shape ({xt.shape[0]},), got "
             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}"
+        )
+    if t.shape != (xt.shape[0],):
+        raise ValueError(
+            f"t must have shape ({xt.shape[0]},), one timestep per image, got {tuple(t.shape)}"
         )
 
 

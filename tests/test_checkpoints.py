@@ -5,6 +5,7 @@ import torch
 
 from fdiff.checkpoints import (
     CheckpointError,
+    checkpoint_dir,
     load_checkpoint,
     load_model,
     load_pretrained,
@@ -42,6 +43,10 @@ def test_file_holds_no_pickle(tmp_path, tiny_unet):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert json.loads(header["__metadata__"]["fdiff"])["config"]["base_channels"] == 16
+    # nothing but the JSON header and the raw tensor bytes it indexes: no room for a pickle
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    assert 8 + header_len + max(ends) == path.stat().st_size
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"F32", "I64", "U8"}
 
 
 def test_manifest_checks_sha256(tmp_path, tiny_unet):
@@ -75,6 +80,9 @@ def test_corrupt_checkpoint_is_refused(tmp_path, tiny_unet):
 
 
 def test_committed_manifest_entries_are_complete():
-    for name, entry in read_manifest().items():
+    manifest = read_manifest()
+    assert "ddpm_shapes" in manifest and "factorized_shapes" in manifest
+    for name, entry in manifest.items():
         assert {"file", "sha256", "command", "duration_s", "steps", "profile"} <= set(entry), name
         assert entry["command"].startswith("python -m fdiff.train")
+        assert (checkpoint_dir() / entry["file"]).is_file(), name

@@ -671,9 +671,13 @@ def test_pixel_probing_reads_the_foreground_classes_of_a_real_dataset(tmp_path):
     pets = labelled_data(get_profile("ci"), dataset="pets", root=make_pets(tmp_path))
     X, y = sample_pixels(lambda images: images, pets.train, [0, 1, 2], progress=False)
     assert X.shape == (3 * 16 * 16, 3) and set(y.tolist()) == {0, 1}
+    # every pixel of the three images, labelled by its trimap's foreground class
+    truth = pets.train.batch([0, 1, 2])["semantic"].flatten()
+    assert torch.equal(torch.bincount(y, minlength=2), torch.bincount(truth, minlength=2))
     probe = ProbeEnsemble(3, 2, ProbeConfig(ensemble_size=2, max_epochs=2)).fit(X, y)
     batch = pets.test.batch([0, 1])
     pred, unc = predict_images(lambda images: images, probe, batch["image"])
     assert pred.shape == unc.shape == batch["semantic"].shape
     # The stand-in photos are noise, so no score is expected: the plumbing is what is tested.
+    assert pred.dtype == torch.int64 and unc.is_floating_point()
     assert set(pred.unique().tolist()) <= {0, 1} and 0 <= unc.min() <= unc.max() <= 1

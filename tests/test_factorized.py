@@ -152,6 +152,14 @@ def test_segment_noises_then_reads_masks():
     b = segment(model, schedule, x0, t=3, generator=torch.Generator().manual_seed(1))
     assert a.shape == (3, 2, 8, 8)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # exactly: the generator's noise added at t, one forward pass, its masks
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    tt = torch.full((3,), 3)
+    with torch.no_grad():
+        _, expected = model(schedule.add_noise(x0, noise, tt), tt, return_masks=True)
+    torch.testing.assert_close(a, expected)
+    other = segment(model, schedule, x0, t=3, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a, other)
 
 
 def test_masks_over_t_is_segment_at_each_t():
@@ -238,4 +246,5 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 3, 7, 7), torch.tensor([1]))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.randn(1, 1, 8, 8), torch.tensor([1]))
-    assert dataclasses.replace(model.config, num_regions=3).num_regions == 3
+    with pytest.raises(ValueError, match="num_regions"):  # replace() validates again
+        dataclasses.replace(model.config, num_regions=1)

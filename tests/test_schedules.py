@@ -71,7 +71,11 @@ def test_add_noise_follows_input_device_and_dtype():
     s = NoiseSchedule("linear", 100)
     x0 = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
     out = s.add_noise(x0, torch.ones_like(x0), torch.tensor([0, 99]))
-    assert out.dtype == torch.float64
+    assert out.dtype == torch.float64 and out.device == x0.device
+    # x0 = 0 and eps = 1 leave sqrt(1 - alpha_bar_t) at every pixel
+    expected = (1 - s.alpha_bar[[0, 99]].double()).sqrt()
+    torch.testing.assert_close(out[:, 0, 0, 0], expected)
+    assert (out == out[:, :1, :1, :1]).all()
 
 
 def test_bad_inputs_raise_clear_errors():

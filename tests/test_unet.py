@@ -53,6 +53,13 @@ def test_attention_levels_and_widths_are_configurable():
     model = UNet(cfg)
     attn = [n for n, m in model.named_modules() if type(m).__name__ == "Attention"]
     assert any(n.startswith("encoder") for n in attn) and len(attn) > 2
+    # none at the finest level (0), where attention would be costliest
+    no_attn = UNet(dataclasses.replace(cfg, attention_levels=(2,)))
+    fewer = [n for n, m in no_attn.named_modules() if type(m).__name__ == "Attention"]
+    assert 0 < len(fewer) < len(attn)
+    plain = UNet(dataclasses.replace(cfg, attention_levels=()))
+    middle = [n for n, m in plain.named_modules() if type(m).__name__ == "Attention"]
+    assert all(n.startswith("middle") for n in middle)
     out = model(*_xt(1, size=16))
     assert out.shape == (1, 3, 16, 16)
     bigger = UNet(dataclasses.replace(cfg, base_channels=16))

@@ -56,6 +56,17 @@ def test_widgets_and_figures_build():
     assert glue("unit_test_value", 3) is None  # no stray cell output
 
 
+def test_glue_hands_the_value_to_myst_nb_without_displaying_it(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    calls = []
+    fake = SimpleNamespace(glue=lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setitem(sys.modules, "myst_nb", fake)
+    assert glue("unit_test_value", 3) is None
+    assert calls == [(("unit_test_value", 3), {"display": False})]
+
+
 def test_partition_frame_rows_are_image_masks_and_tinted_argmax():
     images = torch.zeros(2, 3, 4, 4)
     masks = torch.zeros(2, 2, 4, 4)
@@ -68,6 +79,8 @@ def test_partition_frame_rows_are_image_masks_and_tinted_argmax():
     assert (frame[4, :, :, :2] == -1).all() and (frame[4, :, :, 2:] == 1).all()  # mask 2
     left, right = frame[6, :, 0, 0], frame[6, :, 0, 3]
     assert not torch.equal(left, right)  # two regions, two colours
+    assert (frame[6, :, :, :2] == left[:, None, None]).all()  # one colour per region
+    assert (frame[6, :, :, 2:] == right[:, None, None]).all()
     as_uint8 = partition_frame(images, (masks * 255).to(torch.uint8), alpha=1.0)
     torch.testing.assert_close(as_uint8, frame)
     with pytest.raises(ValueError, match="same N"):
