@@ -32,7 +32,9 @@ def kmeans(
         raise ValueError(f"x must be (N, D), got {tuple(x.shape)}")
     if not isinstance(k, int) or not 1 <= k <= len(x):
         raise ValueError(f"k must be an int in [1, N={len(x)}], got {k!r}")
-    x = x.float()
+    device = x.device
+    # On the CPU, where the default generator lives: a GPU tensor would refuse it.
+    x = x.detach().float().cpu()
     gen = generator or torch.Generator().manual_seed(0)
     best, best_cost = None, float("inf")
     for _ in range(restarts):
@@ -53,7 +55,7 @@ def kmeans(
         cost = float(((x - centres[labels]) ** 2).sum())
         if cost < best_cost:
             best, best_cost = labels, cost
-    return best
+    return best.to(device)
 
 
 def colour_kmeans(images: Tensor, k: int = 2) -> Tensor:

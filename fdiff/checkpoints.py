@@ -64,8 +64,23 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
     return path
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk, then rename it over ``path``: a crash leaves the old or the new."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write a small text file through a temporary neighbour, so it is never left half-written."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _replace_durably(tmp, path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -170,7 +185,7 @@ def register_checkpoint(name: str, path: str | Path, command: str, **info) -> di
     entry = {"file": path.name, "sha256": sha256_of(path), "command": command, **info}
     manifest[name] = entry
     text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-    _manifest_path(path.parent).write_text(text)
+    write_text_atomically(_manifest_path(path.parent), text)
     return entry
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import operator
 import os
+import shutil
+import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -493,7 +495,7 @@ def _open_torchvision(
     """Build a torchvision dataset, turning missing files and failed downloads into one error."""
     try:
         return factory()
-    except (RuntimeError, OSError) as err:
+    except (RuntimeError, OSError, EOFError, tarfile.TarError) as err:  # a truncated archive, too
         if download:
             raise DatasetNotFoundError(
                 f"Downloading {name} into {root} failed ({type(err).__name__}: {err}). "
@@ -580,6 +582,28 @@ class OxfordPets(SegmentationDataset):
 _FLOWER_SEGMENTATIONS_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102segmentations.tgz"
 
 
+def _fetch_flower_masks(folder: Path, segmim: Path) -> None:
+    """Download and extract the Flowers-102 masks so that ``segmim`` appears whole or not at all.
+
+    The archive is extracted into a staging folder and renamed into place; a failed download or
+    extraction deletes the archive, which has no published checksum to catch a truncated copy
+    the next time.
+    """
+    staging = folder / "segmim.partial"
+    archive = folder / _FLOWER_SEGMENTATIONS_URL.rsplit("/", 1)[1]
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tv_utils.download_and_extract_archive(
+            _FLOWER_SEGMENTATIONS_URL, download_root=str(folder), extract_root=str(staging)
+        )
+        os.replace(staging / "segmim", segmim)
+    except BaseException:
+        archive.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def flower_segmim_to_mask(segmim: Tensor | np.ndarray) -> Tensor:
     """Turn an Oxford Flowers ``segmim`` picture into a foreground mask.
 
@@ -632,9 +656,7 @@ class Flowers102(SegmentationDataset):
         self._segmim_folder = folder / "segmim"
         if download and not self._segmim_folder.is_dir():
             _open_torchvision(
-                lambda: tv_utils.download_and_extract_archive(
-                    _FLOWER_SEGMENTATIONS_URL, download_root=str(folder)
-                ),
+                lambda: _fetch_flower_masks(folder, self._segmim_folder),
                 size_hint="about 200 MB",
                 manual=f"download {_FLOWER_SEGMENTATIONS_URL} and extract it into {folder}",
                 **common,

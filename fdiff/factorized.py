@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .profiles import model_device
+from .samplers import randn
 from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, check_input
 
 __all__ = [
@@ -191,8 +192,8 @@ def segment(
     argmax over K is the segmentation. The paper uses a small t (about 30 of 1000). The model
     runs on its own device; the masks come back on x0's.
     """
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator)
+    if noise is None:  # drawn on the generator's device, then moved to x0's
+        noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     device = model_device(model)
     tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=device)
     xt = schedule.add_noise(x0.to(device), noise.to(device), tt)

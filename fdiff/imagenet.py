@@ -11,6 +11,7 @@ file, and :func:`load_mobilenet_v2` copies it into the cache.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,10 @@ def _copy_offline_weights() -> bool:
     if not source.is_file():
         return False
     _hub_file().parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, _hub_file())
+    # Copied next to its place and renamed: an interrupted copy never looks like cached weights.
+    tmp = _hub_file().with_name(WEIGHTS_FILE + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, _hub_file())
     return True
 
 

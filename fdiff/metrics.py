@@ -257,7 +257,8 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
         raise ValueError(f"need at least two samples per set, got {len(a)} and {len(b)}")
     x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
-    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    # atleast_2d: for D = 1, np.cov returns a scalar
+    cov_x, cov_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
     covmean = linalg.sqrtm(cov_x @ cov_y)
     if not np.isfinite(covmean).all():  # singular product: regularise slightly
         eye = np.eye(len(cov_x)) * 1e-6

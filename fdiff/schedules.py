@@ -15,13 +15,18 @@ from torch import Tensor
 __all__ = ["NoiseSchedule", "linear_betas", "cosine_betas"]
 
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+def linear_betas(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999
+) -> Tensor:
     """Return the linear schedule of Ho et al. (2020): betas evenly spaced, float64, shape (T,).
 
     The endpoints are rescaled by ``1000 / T`` so that shorter chains keep the same total noise.
+    Betas are capped at ``max_beta`` (as in the cosine schedule): for T <= 20 the rescaled end
+    would reach 1 or more, leaving alpha_bar at zero or negative.
     """
     scale = 1000.0 / num_timesteps
-    return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+    betas = torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+    return betas.clamp(max=max_beta)
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:

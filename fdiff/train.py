@@ -253,13 +253,17 @@ def train(
     updating = False
 
     def take_snapshot() -> None:
+        nonlocal updating
         if snapshot is None or result.step in result.snapshot_steps:
             return
         with torch.no_grad():
             model.eval()
-            result.snapshots.append(snapshot(model).detach().cpu())
+            masks = snapshot(model).detach().cpu()
             model.train()
+        updating = True  # the masks and their step are recorded together or not at all
+        result.snapshots.append(masks)
         result.snapshot_steps.append(result.step)
+        updating = False
 
     try:
         # Also after a resume: an interruption during a snapshot saved its step without it.
@@ -289,6 +293,7 @@ def train(
                 loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
+            loss_value = loss.item()
             updating = True  # an interruption from here on would leave a half-updated state
             opt.step()
             # EMA with a warm-up so that short runs still average over their later steps.
@@ -296,8 +301,8 @@ def train(
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - decay)
             result.step += 1
+            result.losses.append(loss_value)  # one loss per step, also when interrupted
             updating = False
-            result.losses.append(loss.item())
             result.seconds += time.perf_counter() - t_start
             bar.update(1)
             if result.step % snapshot_every == 0 or result.step == config.steps:
@@ -328,7 +333,10 @@ def _to_channels_last(x: Tensor, device: torch.device) -> Tensor:
 def _resume(path: Path, result: TrainResult, opt: torch.optim.Optimizer, config: TrainConfig):
     tensors, meta = load_checkpoint(path)
     saved = meta.get("train_config", {})
-    for key in ("batch_size", "seed", "lr", "precision"):
+    # Everything but the budget: a run resumed with other settings would not be the same run.
+    keys = ("batch_size", "seed", "lr", "precision", "weight_decay", "warmup_steps", "ema_decay",
+            "grad_clip")
+    for key in keys:
         if saved.get(key) != getattr(config, key):
             raise ValueError(
                 f"{path} was trained with {key}={saved.get(key)!r}, not {getattr(config, key)!r}: "
@@ -778,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
     from .checkpoints import checkpoint_dir, register_checkpoint
 
     args = _parser().parse_args(argv)
-    command = "python -m fdiff.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fdiff.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     recipe = _recipe_from_args(args)
     # Outside the repository, in the cache (on Colab, point FDIFF_CACHE at Google Drive).
     # Named by the recipe too: a changed flag starts a new run instead of resuming another.

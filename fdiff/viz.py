@@ -249,8 +249,12 @@ def pca_rgb(features: Tensor) -> Tensor:
     x = features.float().permute(0, 2, 3, 1).reshape(-1, d)
     x = x - x.mean(0)
     q = min(3, d)
-    _, _, v = torch.pca_lowrank(x, q=q, center=False)
-    proj = x @ v[:, :q]
+    # Exact PCA from the D x D covariance (no random projections, so the colours are the same
+    # on every run); each axis's sign is fixed by making its largest entry positive.
+    _, vecs = torch.linalg.eigh(x.T.double() @ x.double())
+    v = vecs.flip(1)[:, :q]
+    v = v * v.gather(0, v.abs().argmax(0, keepdim=True)).sign()
+    proj = x @ v.float()
     if q < 3:
         proj = torch.cat([proj, proj.new_zeros(len(proj), 3 - q)], dim=1)
     lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)

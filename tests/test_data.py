@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import struct
 import urllib.request
 from pathlib import Path
@@ -521,6 +522,32 @@ def test_flower_masks_download_without_network(tmp_path, skip_md5, no_network):
     root = make_flowers(tmp_path, with_masks=False)
     with pytest.raises(DatasetNotFoundError, match="102segmentations"):
         Flowers102(root, download=True)
+
+
+def test_flower_masks_download_whole_or_not_at_all(tmp_path, skip_md5, monkeypatch):
+    root = make_flowers(tmp_path / "a", with_masks=False)
+    folder = root / "flowers-102"
+    masks = make_flowers(tmp_path / "b") / "flowers-102" / "segmim"
+
+    def truncated(url, download_root, extract_root=None, **kwargs):
+        (Path(download_root) / "102segmentations.tgz").write_bytes(b"\x1f\x8b")
+        (Path(extract_root) / "segmim").mkdir(parents=True)  # half extracted
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", truncated)
+    with pytest.raises(DatasetNotFoundError, match="EOFError"):
+        Flowers102(root, download=True)
+    # nothing left that a later run would trust
+    assert not (folder / "segmim").exists() and not (folder / "102segmentations.tgz").exists()
+    assert not (folder / "segmim.partial").exists()
+
+    def complete(url, download_root, extract_root=None, **kwargs):
+        shutil.copytree(masks, Path(extract_root) / "segmim")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", complete)
+    ds = Flowers102(root, split="train", image_size=16, download=True)
+    assert ds.has_masks and ds[0]["mask"].sum() > 0
+    assert not (folder / "segmim.partial").exists()
 
 
 def test_default_data_root(monkeypatch, tmp_path):

@@ -114,6 +114,8 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         frechet_distance(a, b[:, :2])
+    # one feature: N(0, 1) vs N(1, 4) gives 1 + (1 + 4 - 2 * 2) = 2
+    assert frechet_distance(a[:, :1], b[:, :1]) == pytest.approx(2.0, rel=0.05)
 
 
 def test_miou_by_hand():

@@ -40,6 +40,10 @@ def test_schedules_are_float64_and_monotone():
 def test_short_linear_chain_keeps_total_noise():
     # Rescaled endpoints: a 100-step chain reaches about the same final alpha_bar regime.
     assert NoiseSchedule("linear", 100).alpha_bar[-1] < 1e-3
+    # Very short chains would rescale beta past 1; capped, alpha_bar stays in (0, 1].
+    for steps in (10, 20):
+        s = NoiseSchedule("linear", steps)
+        assert s.betas.max() <= 0.999 and (s.alpha_bar > 0).all() and s.alpha_bar.isfinite().all()
 
 
 def test_conversions_are_inverse():

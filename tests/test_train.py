@@ -168,6 +168,16 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         train(_model(), NoiseSchedule("linear", 100), Images(), other, checkpoint=ckpt,
               progress=False)
+    # every setting but the budget must match, also those the optimizer's state would hide
+    for key, value in (("ema_decay", 0.99), ("weight_decay", 0.1), ("warmup_steps", 5),
+                       ("grad_clip", 0.5)):
+        other = dataclasses.replace(cfg, steps=4, **{key: value})
+        with pytest.raises(ValueError, match=f"{key}="):
+            train(_model(), NoiseSchedule("linear", 100), Images(), other, checkpoint=ckpt,
+                  progress=False)
+    longer = dataclasses.replace(cfg, steps=3, checkpoint_every=1)  # these may change
+    assert train(_model(), NoiseSchedule("linear", 100), Images(), longer, checkpoint=ckpt,
+                 progress=False).step == 3
 
 
 def test_same_seed_same_training():
@@ -504,6 +514,23 @@ def test_the_training_command_extends_its_own_run_and_resumes_no_other(tmp_path,
     (run_a, _), (run_b, resumed), (run_c, fresh_exists) = resumes
     assert run_a == run_b and resumed and extended[:2] == first and len(extended) == 3
     assert run_c != run_a and not fresh_exists
+
+
+def test_the_recorded_command_quotes_its_arguments(tmp_path, monkeypatch):
+    import shlex
+
+    from fdiff import train as train_module
+    from fdiff.checkpoints import read_manifest
+    from fdiff.train import Recipe
+
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out dir"  # a space, as in "My Drive" on Colab
+    root = tmp_path / "my data"
+    train_module.main(["--profile", "ci", "--name", "q", "--out-dir", str(out), "--steps", "1",
+                       "--data-root", str(root), "--precision", "fp32"])
+    command = read_manifest(out)["q"]["command"]
+    assert shlex.split(command)[-1] == "fp32" and str(root) in shlex.split(command)
+    assert Recipe.from_command(command) == Recipe("unet", "ci", steps=1, precision="fp32")
 
 
 def test_module_entry_point_runs_without_a_double_import_warning():
