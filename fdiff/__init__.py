@@ -14,7 +14,7 @@ The public API, by concept (one module each):
   ``segment_dataset``, ``masks_over_t``, ``generate_with_masks``
 - :mod:`fdiff.metrics`: ``foreground_scores``, ``miou``, ``hungarian_miou``, ``fg_ari``,
   ``mask_stats``, ``decidedness``, ``near_edges``, ``frechet_distance``
-- :mod:`fdiff.recognise`: ``recognise_shapes``, ``fit_shape_classifier``, ``two_colour_split``
+- :mod:`fdiff.recognise`: ``recognise_shapes``, ``fit_shapes``, ``two_colour_split``
 - :mod:`fdiff.baselines`: ``colour_kmeans``, ``grabcut``, ``feature_kmeans``, ``kmeans``
 - :mod:`fdiff.imagenet`: ``load_mobilenet_v2``, ``MobileNetPixelFeatures``, ``pooled_features``
 - :mod:`fdiff.features`: ``capture``, ``decoder_blocks``, ``DiffusionFeatures``, ``sample_pixels``

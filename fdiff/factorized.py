@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .profiles import model_device
 from .samplers import randn
-from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, check_input
+from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, as_weight_dtype, check_input
 
 __all__ = [
     "FactorizedConfig",
@@ -64,13 +64,34 @@ class FactorizedConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.mask_noise, (int, float)) or not self.mask_noise >= 0:
             raise ValueError(f"mask_noise must be a number >= 0, got {self.mask_noise!r}")
-        self.mask_config()  # validates the mask generator's widths
+        try:
+            self.mask_config()
+        except ValueError as err:
+            raise ValueError(
+                f"mask_channels={self.mask_channels} gives the mask generator widths "
+                f"{[m * self.mask_config_base() for m in self.unet.channel_mults]}, which "
+                f"GroupNorm cannot split into groups={self.unet.groups}: use a multiple of "
+                f"{self.unet.groups} ({err})"
+            ) from None
+
+    def mask_config_base(self) -> int:
+        """The mask generator's base width: ``mask_channels``, or half the U-Net's rounded up to
+        a multiple of its GroupNorm groups."""
+        if self.mask_channels:
+            return self.mask_channels
+        groups = self.unet.groups
+        return -(-max(1, self.unet.base_channels // 2) // groups) * groups
 
     def mask_config(self) -> UNetConfig:
-        """Return the mask generator's config: the U-Net's depth at ``mask_channels`` width."""
-        base = self.mask_channels or max(self.unet.groups, self.unet.base_channels // 2)
+        """Return the mask generator's config: the U-Net's depth at ``mask_channels`` width.
+
+        It has no self-attention, so its widths need not divide into attention heads."""
         return dataclasses.replace(
-            self.unet, base_channels=base, attention_levels=(), out_channels=self.num_regions
+            self.unet,
+            base_channels=self.mask_config_base(),
+            attention_levels=(),
+            num_heads=1,
+            out_channels=self.num_regions,
         )
 
     def to_dict(self) -> dict:
@@ -122,6 +143,7 @@ class FactorizedDenoiser(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Predict eps (B, C, H, W); with ``return_masks`` also the masks (B, K, H, W)."""
         check_input(self.config.unet, xt, t)
+        xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)
         h = self.middle(skips[-1], emb)

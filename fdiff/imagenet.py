@@ -11,7 +11,7 @@ file, and :func:`load_mobilenet_v2` copies it into the cache.
 from __future__ import annotations
 
 import importlib.util
-import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import _replace_durably
 from .profiles import model_device
 
 __all__ = [
@@ -50,7 +51,7 @@ def _copy_offline_weights() -> bool:
     # Copied next to its place and renamed: an interrupted copy never looks like cached weights.
     tmp = _hub_file().with_name(WEIGHTS_FILE + ".tmp")
     shutil.copyfile(source, tmp)
-    os.replace(tmp, _hub_file())
+    _replace_durably(tmp, _hub_file())
     return True
 
 
@@ -66,7 +67,13 @@ def load_mobilenet_v2() -> nn.Module:
         _copy_offline_weights()
     try:
         model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        # URLError is an OSError; a truncated or damaged file fails in torch.load.
+        if _hub_file().is_file():
+            raise RuntimeError(
+                f"the MobileNetV2 weights in {_hub_file()} could not be read ({err}): the file "
+                f"is damaged; delete it and run again to fetch or copy it anew"
+            ) from err
         raise RuntimeError(
             f"MobileNetV2 ImageNet weights are not in {_hub_file()} and could not be downloaded "
             f"({err}). With internet, torchvision fetches them; offline, run "

@@ -72,12 +72,16 @@ def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict
     chosen once over the whole set (``per_image=False``: a fixed model's region) or for every
     image (``per_image=True``: an upper bound, averaged over images). pred (B, H, W) in [0, K);
     fg (B, H, W) in {0, 1}, -1 ignored. Returns pixel accuracy, IoU and DICE of the foreground,
-    and (over the whole set) the region chosen.
+    and (over the whole set) the region chosen. Images without a foreground pixel have no
+    foreground to find: ``per_image`` leaves them out, and a set without any is an error.
     """
     _check_labels(pred, fg)
+    has_fg = (fg == 1).flatten(1).any(1)
+    if not bool(has_fg.any()):
+        raise ValueError("fg has no foreground pixel (value 1): there is nothing to score")
     k = int(pred.max()) + 1 if pred.numel() else 1
     if per_image:
-        rows = [foreground_scores(p[None], f[None]) for p, f in zip(pred, fg)]
+        rows = [foreground_scores(p[None], f[None]) for p, f, h in zip(pred, fg, has_fg) if h]
         return {key: float(np.mean([r[key] for r in rows])) for key in ("accuracy", "iou", "dice")}
     conf = confusion(pred, fg.clamp(max=1), k, 2).double()  # (K, 2): [region, bg/fg]
     tp = conf[:, 1]
@@ -179,8 +183,24 @@ def fg_ari(pred: Tensor, instances: Tensor) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def _as_probabilities(masks: Tensor) -> Tensor:
+    """Soft masks as float in [0, 1]: uint8 masks (as snapshots store them) are divided by 255."""
+    if masks.dtype == torch.uint8:
+        return masks.float() / 255
+    if not masks.is_floating_point():
+        raise TypeError(f"masks must be float in [0, 1] or uint8 in [0, 255], got {masks.dtype}")
+    masks = masks.float()
+    if masks.numel() and not (masks.min() >= -1e-4 and masks.max() <= 1 + 1e-4):
+        raise ValueError(
+            f"soft masks must lie in [0, 1], got values from {float(masks.min()):.3g} to "
+            f"{float(masks.max()):.3g}: pass the softmax masks, not logits"
+        )
+    return masks
+
+
 def mask_stats(masks: Tensor) -> dict[str, float]:
-    """Measure how decided and how balanced soft masks (B, K, H, W) are.
+    """Measure how decided and how balanced soft masks (B, K, H, W) are (float in [0, 1], or
+    uint8 in [0, 255] as :func:`fdiff.train.partition_snapshots` stores them).
 
     Returns the mean per-pixel entropy (0: hard masks; log K: uniform), its ratio to log K, the
     area fraction of each region (argmax), and ``largest_area``: the biggest region's mean share
@@ -189,7 +209,8 @@ def mask_stats(masks: Tensor) -> dict[str, float]:
     if masks.ndim != 4:
         raise ValueError(f"masks must have shape (B, K, H, W), got {tuple(masks.shape)}")
     k = masks.shape[1]
-    p = masks.float().clamp(min=1e-12)
+    masks = _as_probabilities(masks)
+    p = masks.clamp(min=1e-12)
     entropy = float(-(p * p.log()).sum(1).mean())
     hard = masks.argmax(1)
     areas = torch.stack([(hard == j).float().mean((1, 2)) for j in range(k)], 1)  # (B, K)
@@ -232,12 +253,13 @@ def image_frame(height: int, width: int | None = None, thickness: int = 1, devic
 
 def decidedness(masks: Tensor) -> Tensor:
     """Return (B, H, W) in [0, 1]: how far each pixel's soft masks (B, K, H, W) are from uniform,
-    (K max_k m_k - 1) / (K - 1): 0 when every region has 1/K, 1 when one region has it all."""
+    (K max_k m_k - 1) / (K - 1): 0 when every region has 1/K, 1 when one region has it all.
+    The masks are float in [0, 1] or uint8 in [0, 255], as :func:`mask_stats` takes them."""
     if masks.ndim != 4 or masks.shape[1] < 2:
         shape = tuple(masks.shape)
         raise ValueError(f"masks must have shape (B, K, H, W) with K >= 2, got {shape}")
     k = masks.shape[1]
-    return (k * masks.float().amax(1) - 1) / (k - 1)
+    return (k * _as_probabilities(masks).amax(1) - 1) / (k - 1)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

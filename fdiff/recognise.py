@@ -42,6 +42,13 @@ def _check_images(images: Tensor) -> Tensor:
     return images.detach().float().cpu()
 
 
+def _cluster_means(pixels: Tensor, assign: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean colour (B, 2, 3) and size (B, 2, 1) of clusters 0 (assign False) and 1 (True)."""
+    weights = torch.stack([~assign, assign], 1).float()  # (B, 2, N)
+    counts = weights.sum(2, keepdim=True)
+    return (weights @ pixels) / counts.clamp_min(1), counts
+
+
 def two_colour_split(images: Tensor, iterations: int = 10) -> tuple[Tensor, Tensor]:
     """Split each image's pixels into two colour clusters (2-means in RGB).
 
@@ -50,6 +57,8 @@ def two_colour_split(images: Tensor, iterations: int = 10) -> tuple[Tensor, Tens
     its cluster's mean colour (0 for two perfectly flat colours). The clusters start from a
     cut of the first principal component at its midpoint, then move by Lloyd's iterations.
     """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     x = _check_images(images)
     b, _, h, w = x.shape
     pixels = x.flatten(2).transpose(1, 2)  # (B, N, 3)
@@ -64,13 +73,13 @@ def two_colour_split(images: Tensor, iterations: int = 10) -> tuple[Tensor, Tens
     mid = (proj.amax(1, keepdim=True) + proj.amin(1, keepdim=True)) / 2
     assign = proj > mid
     for _ in range(iterations):
-        weights = torch.stack([~assign, assign], 1).float()  # (B, 2, N)
-        counts = weights.sum(2, keepdim=True)
-        centres = (weights @ pixels) / counts.clamp_min(1)  # (B, 2, 3)
+        centres, counts = _cluster_means(pixels, assign)
         dist = torch.cdist(pixels, centres)  # (B, N, 2)
         # An empty cluster stays empty (its distance is infinite).
         dist = dist.masked_fill((counts[:, None, :, 0] == 0), float("inf"))
         assign = dist[..., 1] < dist[..., 0]
+    # The residual is measured against the means of the final clusters.
+    centres, _ = _cluster_means(pixels, assign)
     chosen = torch.where(assign[..., None], centres[:, 1:2], centres[:, 0:1])
     residual = ((pixels - chosen) ** 2).mean((1, 2)).sqrt()
     figure = assign.clone()

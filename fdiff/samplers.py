@@ -176,13 +176,15 @@ def sample(
 ) -> Iterator[Step]:
     """Run the reverse process from x_T ~ N(0, I), yielding a :class:`Step` after every step.
 
-    model: eps_theta(x_t, t). shape: (B, C, H, W). method: "ddpm" (all T steps) or "ddim"
-    (``num_steps`` steps, default 50). The last yielded ``xt`` is the sample, in about [-1, 1].
+    model: eps_theta(x_t, t). shape: (B, C, H, W). method: "ddpm" (all T steps; ``num_steps``
+    and ``eta`` must stay unset) or "ddim" (``num_steps`` steps, default 50). The last yielded
+    ``xt`` is the sample, in about [-1, 1].
     ``t_start``: start from step ``t_start`` instead of T - 1, with ``xT`` the images at that
     step (DDIM then takes its grid's steps below ``t_start``); see :func:`regenerate`.
 
-    The model runs on its own device (or ``device``); the yielded images are on ``xT``'s
-    device, or on the CPU when the noise is drawn here, whatever device the model is on.
+    The model runs on its own device (or ``device``: give it when ``model`` is a closure, which
+    has no parameters to tell); the yielded images are on ``xT``'s device, or on the CPU when the
+    noise is drawn here, whatever device the model is on.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -192,6 +194,11 @@ def sample(
         raise ValueError(f"xT must have the given shape {tuple(shape)}, got {tuple(xT.shape)}")
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
+    if method == "ddpm" and (num_steps is not None or eta != 0):
+        raise ValueError(
+            f"num_steps and eta are DDIM's settings; method='ddpm' runs all T steps with its own "
+            f"variance (got num_steps={num_steps}, eta={eta}): use method='ddim' to set them"
+        )
     T = schedule.num_timesteps
     if t_start is not None:
         if not isinstance(t_start, int) or not 0 <= t_start < T:
@@ -269,21 +276,27 @@ def ddim_invert(
     x0: Tensor,
     num_steps: int = 50,
     t_end: int | None = None,
+    device: str | torch.device | None = None,
 ) -> Iterator[Step]:
     """Map a real image to noise with deterministic DDIM run backwards, yielding every step.
 
     x0: (B, C, H, W) in [-1, 1]. From t_prev to the next larger t, with eps = eps_theta(x_{t_prev},
     t_prev): ``x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps`` (Song et al., 2021; Mokady et al.,
-    2023). Stops at ``t_end`` (default: the last DDIM timestep). Running :func:`sample` with
+    2023). Stops at the last DDIM timestep, or at the largest one not above ``t_end``: the last
+    yielded ``Step.t`` is the step the noisy image belongs to. Running :func:`sample` with
     ``method="ddim"``, the same ``num_steps``, eta = 0, ``clip_x0=False`` and ``xT`` = the last
-    ``xt`` approximately reconstructs x0. The model runs on its own device; the yielded images
-    are on x0's.
+    ``xt`` approximately reconstructs x0. The model runs on its own device (or ``device``, which
+    a closure needs); the yielded images are on x0's.
     """
     if x0.ndim != 4:
         raise ValueError(f"x0 must have shape (B, C, H, W), got {tuple(x0.shape)}")
+    T = schedule.num_timesteps
+    if t_end is not None and (isinstance(t_end, bool) or not isinstance(t_end, int)
+                              or not 0 <= t_end < T):
+        raise ValueError(f"t_end must be an int in [0, {T}), got {t_end!r}")
     out = x0.device
-    x0 = x0.to(model_device(model))
-    steps = list(reversed(ddim_timesteps(schedule.num_timesteps, num_steps)))  # ascending
+    x0 = x0.to(model_device(model) if device is None else device)
+    steps = list(reversed(ddim_timesteps(T, num_steps)))  # ascending
     if t_end is not None:
         steps = [t for t in steps if t <= t_end]
     xt = x0

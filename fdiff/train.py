@@ -418,6 +418,12 @@ class Recipe:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}: expected one of {list(DATASET_NAMES)}"
             )
+        if self.steps is not None and (
+            not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1
+        ):
+            raise ValueError(
+                f"steps must be a positive integer (None: the profile's), got {self.steps!r}"
+            )
         if not self.min_snr_gamma >= 0:
             raise ValueError(
                 f"min_snr_gamma must be >= 0 (0: unweighted), got {self.min_snr_gamma}"
@@ -451,7 +457,7 @@ class Recipe:
             )
         schedule = NoiseSchedule(self.schedule, profile.num_timesteps)
         config = TrainConfig(
-            steps=self.steps or profile.train_steps,
+            steps=profile.train_steps if self.steps is None else self.steps,
             batch_size=profile.batch_size,
             lr=profile.learning_rate,
             seed=self.seed,
@@ -464,7 +470,7 @@ class Recipe:
         """The number of training steps: ``steps``, or the profile's ``train_steps``."""
         from .profiles import get_profile
 
-        return self.steps or get_profile(self.profile).train_steps
+        return get_profile(self.profile).train_steps if self.steps is None else self.steps
 
     def model_config(self) -> dict:
         """Return the config of the model this recipe trains (as saved in its checkpoint)."""

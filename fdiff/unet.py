@@ -387,6 +387,13 @@ def check_input(cfg: UNetConfig, xt: Tensor, t: Tensor) -> None:
         )
 
 
+def as_weight_dtype(module: nn.Module, xt: Tensor) -> Tensor:
+    """Return ``xt`` in the dtype of ``module``'s weights (float64 images meet float32 weights
+    in the samplers; under autocast the convolutions then cast as usual)."""
+    dtype = next(module.parameters()).dtype
+    return xt if xt.dtype == dtype else xt.to(dtype)
+
+
 class UNet(nn.Module):
     """The denoiser eps_theta(x_t, t[, cond]) of DDPM: encoder, middle, decoder.
 
@@ -412,6 +419,7 @@ class UNet(nn.Module):
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Predict eps from x_t. With ``return_features``, also return the decoder block outputs."""
         check_input(self.config, xt, t)
+        xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)
         h = self.middle(skips[-1], emb)

@@ -90,3 +90,19 @@ def test_the_schedule_follows_its_inputs_device():
     assert on_gpu.device.type == "cuda"
     _close(on_gpu.cpu(), s.add_noise(x0, eps, t))
     assert s.eps_to_x0(on_gpu, eps.cuda(), t.cuda()).device.type == "cuda"
+
+
+def test_a_closure_runs_where_it_is_told():
+    cpu, gpu = _pair(UNet(CFG))
+    s = NoiseSchedule("cosine", 100)
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def on_gpu(x, t):  # a closure has no parameters that tell its device
+        return gpu(x, t)
+
+    with torch.no_grad():
+        _close(list(ddim_invert(on_gpu, s, x0, 10, device="cuda"))[-1].xt,
+               list(ddim_invert(cpu, s, x0, 10))[-1].xt)
+        _close(generate(on_gpu, s, x0.shape, num_steps=10, device="cuda",
+                        generator=per_sample_generators(1, 2)),
+               generate(cpu, s, x0.shape, num_steps=10, generator=per_sample_generators(1, 2)))

@@ -63,7 +63,10 @@ def test_parameter_count_does_not_grow_with_k():
     counts = {k: without_mask_head(_model(k)) for k in (2, 3, 4)}
     assert len(set(counts.values())) == 1, counts
     unshared = _model(3, shared_decoder=False)
-    assert without_mask_head(unshared) > counts[3] + count_parameters(unshared.decoders[1]) - 1
+    # K decoders instead of one: K - 1 more than the shared model.
+    assert len(unshared.decoders) == 3
+    decoder = count_parameters(unshared.decoders[1])
+    assert without_mask_head(unshared) == counts[3] + 2 * decoder
 
 
 def test_gradients_reach_the_mask_generator_and_every_parameter():
@@ -248,3 +251,26 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 1, 8, 8), torch.tensor([1]))
     with pytest.raises(ValueError, match="num_regions"):  # replace() validates again
         dataclasses.replace(model.config, num_regions=1)
+
+
+def test_mask_generator_widths_follow_the_u_net_and_bad_ones_are_named():
+    # Half of 24 is 12, which GroupNorm(8) cannot split: the mask generator gets 16.
+    cfg = FactorizedConfig(UNetConfig(base_channels=24, channel_mults=(1, 2), num_heads=2))
+    assert cfg.mask_config().base_channels == 16
+    assert FactorizedConfig(UCFG).mask_config().base_channels == max(8, UCFG.base_channels // 2)
+    with pytest.raises(ValueError, match="mask_channels=12 .* multiple of 8"):
+        FactorizedConfig(UCFG, mask_channels=12)
+    # The mask generator has no attention: its widths need not divide into heads.
+    heads = UNetConfig(base_channels=32, channel_mults=(1, 2), num_heads=32)
+    assert FactorizedConfig(heads, mask_channels=8).mask_config().num_heads == 1
+
+
+def test_float64_images_segment_as_float32_ones():
+    model = _model(2).eval()
+    s = NoiseSchedule("cosine", 100)
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        single = segment(model, s, x0, 10, noise=noise)
+        double = segment(model, s, x0.double(), 10, noise=noise.double())
+    torch.testing.assert_close(double, single, atol=1e-5, rtol=0)

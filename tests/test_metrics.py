@@ -6,6 +6,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from fdiff.metrics import (
     adjusted_rand_index,
+    decidedness,
     fg_ari,
     foreground_scores,
     hungarian_miou,
@@ -197,3 +198,27 @@ def test_decidedness_by_hand():
     torch.testing.assert_close(decidedness(uniform3), torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="K >= 2"):
         decidedness(torch.ones(1, 1, 2, 2))
+
+
+def test_images_without_foreground_are_left_out_and_a_set_without_any_is_refused():
+    fg = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[-1, -1, -1, -1]]])
+    pred = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[0, 1, 0, 1]]])
+    # Only the first image has a foreground, and it is found exactly.
+    assert foreground_scores(pred, fg, per_image=True) == {"accuracy": 1.0, "iou": 1.0, "dice": 1.0}
+    with pytest.raises(ValueError, match="no foreground pixel"):
+        foreground_scores(pred[1:], fg[1:])
+    with pytest.raises(ValueError, match="no foreground pixel"):
+        foreground_scores(pred[1:], fg[1:], per_image=True)
+
+
+def test_mask_measures_read_uint8_masks_as_probabilities():
+    soft = torch.softmax(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), 1)
+    stored = (soft * 255).round().to(torch.uint8)  # as training snapshots keep them
+    torch.testing.assert_close(decidedness(stored), decidedness(stored.float() / 255))
+    assert mask_stats(stored)["entropy"] == pytest.approx(mask_stats(soft)["entropy"], abs=0.02)
+    logits = torch.randn(2, 3, 4, 4) * 5
+    for measure in (mask_stats, decidedness):
+        with pytest.raises(ValueError, match="not logits"):
+            measure(logits)
+        with pytest.raises(TypeError, match="uint8"):
+            measure(stored.long())

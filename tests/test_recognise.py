@@ -77,7 +77,10 @@ def test_data_is_recognised_and_noise_or_two_pieces_are_not(held_out):
     assert report.rate > 0.85
     truth = held_out["semantic"].flatten(1).amax(1)
     assert (report.label == truth)[report.ok].float().mean() > 0.9
-    assert report.class_counts().sum() == report.ok.sum() and report.class_counts()[0] == 0
+    counts = report.class_counts()
+    assert counts.sum() == report.ok.sum() and counts[0] == 0
+    # Every shape class of the data is recognised somewhere.
+    assert (truth.unique() > 0).all() and (counts[1:] > 0).all()
     noise = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     assert recognise_shapes(noise).rate == 0
     # A flat image with two separate squares fails the one-piece check.
@@ -88,3 +91,20 @@ def test_data_is_recognised_and_noise_or_two_pieces_are_not(held_out):
     assert two.piece.item() == pytest.approx(0.5) and not two.ok.item()
     flat = recognise_shapes(torch.zeros(1, 3, 16, 16))  # nothing to recognise
     assert flat.area.item() == 0 and not flat.ok.item()
+
+
+def test_the_residual_is_measured_against_the_final_clusters():
+    # A middle grey between black and white: the first cut puts it with one side, and the
+    # residual must use that side's mean after the move, not the mean before it.
+    image = torch.full((1, 3, 1, 5), -1.0)
+    image[..., 3:] = 1.0
+    image[..., 2] = 0.1
+    for iterations in (0, 1, 10):
+        figure, residual = two_colour_split(image, iterations=iterations)
+        pixels = image[0].flatten(1).T
+        chosen = torch.stack([pixels[figure.view(-1)].mean(0) if f else
+                              pixels[~figure.view(-1)].mean(0) for f in figure.view(-1)])
+        expected = ((pixels - chosen) ** 2).mean().sqrt()
+        assert residual.item() == pytest.approx(expected.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+        two_colour_split(image, iterations=-1)

@@ -79,7 +79,8 @@ class PointOracle(torch.nn.Module):
 def test_samplers_recover_a_point_distribution(method):
     s = NoiseSchedule("linear", 100)
     x_star = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
-    out = generate(PointOracle(s, x_star), s, (3, 3, 4, 4), method=method, num_steps=10,
+    steps = dict(num_steps=10) if method == "ddim" else {}
+    out = generate(PointOracle(s, x_star), s, (3, 3, 4, 4), method=method, **steps,
                    generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x_star.expand(3, -1, -1, -1), atol=1e-3, rtol=0)
 
@@ -146,10 +147,11 @@ def test_a_late_start_takes_the_remaining_steps():
     assert [st.t for st in ddpm] == list(range(44, -2, -1))
     # Starting at the first step of the full run is the full run.
     for method in ("ddpm", "ddim"):
-        full = generate(model, s, xt.shape, method=method, num_steps=10, xT=xt,
+        steps = dict(num_steps=10) if method == "ddim" else {}
+        full = generate(model, s, xt.shape, method=method, **steps, xT=xt,
                         generator=torch.Generator().manual_seed(1))
         start = 99 if method == "ddpm" else 90
-        late = generate(model, s, xt.shape, method=method, num_steps=10, xT=xt, t_start=start,
+        late = generate(model, s, xt.shape, method=method, **steps, xT=xt, t_start=start,
                         generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(late, full, rtol=0, atol=0)
 
@@ -159,15 +161,16 @@ def test_regenerate_rebuilds_what_the_model_knows(method):
     s = NoiseSchedule("cosine", 1000)
     x_star = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
     model = PointOracle(s, x_star)
+    steps = dict(num_steps=20) if method == "ddim" else {}
     # The exact model of a one-image distribution rebuilds that image from any step...
     for t_start in (100, 600, 999):
         out = regenerate(model, s, x_star, t_start, generator=torch.Generator().manual_seed(2),
-                         method=method, num_steps=20)
+                         method=method, **steps)
         torch.testing.assert_close(out, x_star, atol=1e-3, rtol=0)
     # ...and turns any other image into it: regeneration shows the model, not the input.
     other = torch.zeros_like(x_star)
     out = regenerate(model, s, other, 600, generator=torch.Generator().manual_seed(2),
-                     method=method, num_steps=20)
+                     method=method, **steps)
     torch.testing.assert_close(out, x_star, atol=1e-3, rtol=0)
 
 
@@ -194,3 +197,31 @@ def test_cpu_generators_drive_a_gpu_model_to_the_cpu_samples(tiny_unet):
     tiny_unet.cpu()
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_ddpm_refuses_ddim_settings():
+    s = NoiseSchedule("linear", 20)
+    model = PointOracle(s, torch.zeros(1, 3, 4, 4))
+    for kw in (dict(num_steps=10), dict(eta=1.0)):
+        with pytest.raises(ValueError, match="method='ddim'"):
+            generate(model, s, (1, 3, 4, 4), method="ddpm", **kw)
+
+
+def test_float64_images_meet_float32_weights(tiny_unet):
+    s = NoiseSchedule("linear", 50)
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        single = regenerate(tiny_unet, s, x0, 30, noise=noise, num_steps=5)
+        double = regenerate(tiny_unet, s, x0.double(), 30, noise=noise.double(), num_steps=5)
+    torch.testing.assert_close(double.float(), single, atol=1e-5, rtol=0)
+
+
+def test_ddim_inversion_stops_on_its_grid_and_checks_t_end(tiny_unet):
+    s = NoiseSchedule("linear", 100)
+    x0 = torch.zeros(1, 3, 8, 8)
+    steps = [st.t for st in ddim_invert(tiny_unet, s, x0, num_steps=10, t_end=45)]
+    assert steps == [0, 10, 20, 30, 40]  # 45 is off the grid: the last step is 40
+    for bad in (-5, 100, 4.5):
+        with pytest.raises(ValueError, match=r"t_end must be an int in \[0, 100\)"):
+            next(ddim_invert(tiny_unet, s, x0, num_steps=10, t_end=bad))

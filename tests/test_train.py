@@ -561,3 +561,12 @@ def test_auto_precision_uses_bf16_only_on_gpus_with_native_bf16(monkeypatch, cap
     assert _use_bf16("auto", torch.device("cuda")) is expected
     assert _use_bf16("auto", torch.device("cpu")) is False
     assert _use_bf16("bf16", torch.device("cpu")) is True
+
+
+def test_a_recipe_refuses_a_step_count_that_is_not_positive():
+    from fdiff.train import Recipe
+
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            Recipe("unet", "ci", steps=bad)
+    assert Recipe("unet", "ci", steps=1).budget == 1
