@@ -34,6 +34,7 @@ notebooks: setup
 book-ci: setup
 	$(BIN)/python scripts/build_book.py --profile ci --strict
 	$(BIN)/python scripts/check_html.py _build/ci/_build/html
+	$(BIN)/python scripts/book_results.py _build/ci/_build --check
 
 benchmark: setup
 	$(BIN)/python benchmarks/train_throughput.py

@@ -28,12 +28,12 @@ import time
 def run(mode: str, args) -> dict:
     import torch
 
-    from fdiff.data import ShapesDataset
     from fdiff.features import DiffusionFeatures, decoder_blocks, sample_pixels
     from fdiff.probing import ProbeConfig, ProbeEnsemble
     from fdiff.profiles import get_profile
     from fdiff.schedules import NoiseSchedule
     from fdiff.unet import UNet, UNetConfig
+    from fdiff.worlds import ShapesDataset
 
     torch.manual_seed(0)
     profile = get_profile(args.profile)

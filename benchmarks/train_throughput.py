@@ -88,7 +88,6 @@ def build_diffusers_unet(cfg: UNetConfig, image_size: int) -> nn.Module:
         layers_per_block=cfg.num_res_blocks,
         norm_num_groups=cfg.groups,
         attention_head_dim=widths[-1] // cfg.num_heads,
-        dropout=cfg.dropout,
         add_attention=True,
     )
 

@@ -3,15 +3,19 @@
 The public API, by concept (one module each):
 
 - :mod:`fdiff.profiles`: ``get_profile``, ``describe_profile`` (``FDIFF_PROFILE=ci|cpu|gpu``)
+- :mod:`fdiff.seeding`: ``make_generator``, ``per_sample_generators`` (one seeding convention)
 - :mod:`fdiff.schedules`: ``NoiseSchedule`` (forward process, eps/x0/v conversions)
 - :mod:`fdiff.unet`: ``UNet``, ``UNetConfig``
 - :mod:`fdiff.samplers`: ``sample``, ``generate``, ``ddpm_step``, ``ddim_step``, ``ddim_invert``
-- :mod:`fdiff.train`: ``train``, ``TrainConfig``, ``load_or_train``
+- :mod:`fdiff.train`: ``train``, ``TrainConfig``, ``denoising_loss``
+- :mod:`fdiff.runs`: ``load_run``, ``Run``, ``RUNS`` (named runs; ``python -m fdiff.train NAME``)
 - :mod:`fdiff.checkpoints`: ``save_model``, ``load_model``, ``load_pretrained``
-- :mod:`fdiff.data`: ``ShapesDataset`` and ``builtin_dataset`` (built-in), ``load_dataset``
-  (real datasets)
-- :mod:`fdiff.factorized`: ``FactorizedDenoiser``, ``FactorizedConfig``, ``segment``,
-  ``segment_dataset``, ``masks_over_t``, ``generate_with_masks``
+- :mod:`fdiff.worlds`: the built-in worlds (``world``, ``ShapesDataset``); :mod:`fdiff.shapes`
+  their geometry
+- :mod:`fdiff.datasets`: real datasets (``load_dataset``, ``OxfordPets``, ``Flowers102``)
+- :mod:`fdiff.data`: data by name (``labelled_data``, ``training_data``, ``stack_images``)
+- :mod:`fdiff.factorized`: ``FactorizedDenoiser`` and its ablation variants, ``segment``,
+  ``segment_dataset``, ``masks_over_t``, ``generate_with_masks``, ``partition_snapshots``
 - :mod:`fdiff.metrics`: ``foreground_scores``, ``miou``, ``hungarian_miou``, ``fg_ari``,
   ``mask_stats``, ``decidedness``, ``near_edges``, ``frechet_distance``
 - :mod:`fdiff.recognise`: ``recognise_shapes``, ``fit_shapes``, ``two_colour_split``
@@ -25,11 +29,13 @@ The public API, by concept (one module each):
 from .profiles import default_device, describe_profile, get_profile
 from .samplers import ddim_invert, ddim_step, ddpm_step, generate, sample
 from .schedules import NoiseSchedule
+from .seeding import make_generator, per_sample_generators
 from .unet import UNet, UNetConfig
 
-# fdiff.train is imported on first use, so that ``python -m fdiff.train`` runs the module once
-# (importing it here would load it before runpy executes it as __main__, with a warning).
-_LAZY = {"TrainConfig": "train", "load_or_train": "train"}
+# fdiff.runs (and with it fdiff.train) is imported on first use, so that
+# ``python -m fdiff.train`` runs that module once: importing it here would load it before runpy
+# executes it as __main__, with a warning.
+_LAZY = {"load_run": "runs", "TrainConfig": "train"}
 
 
 def __getattr__(name: str):
@@ -54,6 +60,8 @@ __all__ = [
     "describe_profile",
     "generate",
     "get_profile",
-    "load_or_train",
+    "load_run",
+    "make_generator",
+    "per_sample_generators",
     "sample",
 ]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .seeding import make_generator
+
 __all__ = ["kmeans", "colour_kmeans", "grabcut", "feature_kmeans"]
 
 
@@ -35,7 +37,7 @@ def kmeans(
     device = x.device
     # On the CPU, where the default generator lives: a GPU tensor would refuse it.
     x = x.detach().float().cpu()
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = generator or make_generator(0)
     best, best_cost = None, float("inf")
     for _ in range(restarts):
         centres = x[torch.randint(len(x), (1,), generator=gen)]

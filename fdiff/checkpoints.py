@@ -1,23 +1,33 @@
 """Checkpoints as safetensors plus JSON metadata, and the manifest of committed checkpoints.
 
-A checkpoint file holds only tensors and a JSON string (the model's kind and config, training
-state counters): loading it never unpickles code. Committed checkpoints are listed in
-``data/checkpoints/manifest.json`` with their sha256, the command that produced them and how long
-it ran; :func:`load_pretrained` refuses a file whose hash does not match.
+A checkpoint file holds only tensors and a JSON string (the model's config, and for a trained
+run the run itself and its training record): loading it never unpickles code. Committed
+checkpoints are listed in ``data/checkpoints/manifest.json`` with their sha256, the run that
+made them (its canonical JSON, :mod:`fdiff.runs`), the command and how long it ran;
+:func:`load_pretrained` refuses a file whose hash does not match.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from .configs import ConfigError, from_json, to_json
+from .factorized import FactorizedConfig, factorized_denoiser
+from .unet import UNet, UNetConfig
+
 __all__ = [
+    "ModelConfig",
+    "build_model",
     "save_checkpoint",
     "load_checkpoint",
     "save_model",
@@ -27,15 +37,27 @@ __all__ = [
     "read_manifest",
     "checkpoint_dir",
     "sha256_of",
+    "atomic_path",
     "CheckpointError",
 ]
 
 _META_KEY = "fdiff"
 _EXTRA = "extra."  # prefix of tensors stored beside a model's weights (e.g. training snapshots)
 
+# The models a checkpoint can hold, by the config that describes them.
+ModelConfig = UNetConfig | FactorizedConfig
+_BUILDERS = {UNetConfig: UNet, FactorizedConfig: factorized_denoiser}
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match its manifest entry."""
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Return a freshly initialised model of the kind ``config`` describes."""
+    if type(config) not in _BUILDERS:
+        raise TypeError(f"expected a UNetConfig or a FactorizedConfig, got {type(config).__name__}")
+    return _BUILDERS[type(config)](config)
 
 
 def checkpoint_dir() -> Path:
@@ -53,34 +75,35 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
-    """Write tensors and JSON-serialisable metadata to ``path`` atomically.
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; on success flush it and rename it over
+    ``path``, on failure delete it.
 
-    The file is written next to its destination and renamed into place, so an interruption never
-    leaves a half-written checkpoint where a good one was.
+    Every writer gets its own temporary name, so two writers never write into one file, and a
+    crash leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
-    _replace_durably(tmp, path)
-    return path
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _replace_durably(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to disk, then rename it over ``path``: a crash leaves the old or the new."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write a small text file through a temporary neighbour, so it is never left half-written."""
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
+    """Write tensors and JSON-serialisable metadata to ``path`` atomically (:func:`atomic_path`)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _replace_durably(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
+    return path
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -106,32 +129,25 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, metadata
 
 
-def _model_kinds() -> dict:
-    # Imported lazily: models import this module's users, not the other way round.
-    from .factorized import FactorizedDenoiser
-    from .unet import UNet
-
-    return {"unet": UNet, "factorized": FactorizedDenoiser}
-
-
 def save_model(
     path: str | Path,
     model: nn.Module,
     extra: dict | None = None,
     tensors: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Save a model's weights with its kind and config, so :func:`load_model` can rebuild it.
+    """Save a model's weights with its config, so that :func:`load_model` can rebuild it.
 
     extra: JSON-serialisable metadata; tensors: other tensors to keep with the weights (such as
     the mask snapshots taken during training), returned by :func:`load_model` as
     ``metadata["tensors"]``.
     """
-    kinds = {cls: name for name, cls in _model_kinds().items()}
-    if type(model) not in kinds:
+    config = getattr(model, "config", None)
+    if type(config) not in _BUILDERS:
         raise TypeError(
-            f"cannot save a {type(model).__name__}: expected one of {sorted(kinds.values())}"
+            f"cannot save a {type(model).__name__}: expected a model built from a UNetConfig or "
+            f"a FactorizedConfig"
         )
-    metadata = {"kind": kinds[type(model)], "config": model.config.to_dict(), **(extra or {})}
+    metadata = {"kind": config.KIND, "config": to_json(config), **(extra or {})}
     state = {**model.state_dict(), **{_EXTRA + k: v for k, v in (tensors or {}).items()}}
     return save_checkpoint(path, state, metadata)
 
@@ -151,10 +167,11 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> tuple[nn
                 f"{expected_sha256[:12]}...: the file is corrupt or was replaced"
             )
     tensors, meta = load_checkpoint(path)
-    kinds = _model_kinds()
-    if meta.get("kind") not in kinds:
-        raise CheckpointError(f"{path} holds a model of unknown kind {meta.get('kind')!r}")
-    model = kinds[meta["kind"]].from_config(meta["config"])
+    try:
+        config = from_json(ModelConfig, meta.get("config"), "config")
+    except ConfigError as err:
+        raise CheckpointError(f"{path} holds no model config fdiff can build: {err}") from err
+    model = build_model(config)
     extra = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(_EXTRA)}
     meta["tensors"] = extra
@@ -171,7 +188,7 @@ def _manifest_path(directory: Path | None = None) -> Path:
 
 
 def read_manifest(directory: str | Path | None = None) -> dict:
-    """Return the manifest: ``{name: {file, sha256, command, duration_s, ...}}``."""
+    """Return the manifest: ``{name: {file, sha256, run, command, duration_s, ...}}``."""
     path = _manifest_path(Path(directory) if directory else None)
     if not path.is_file():
         return {}
@@ -185,7 +202,8 @@ def register_checkpoint(name: str, path: str | Path, command: str, **info) -> di
     entry = {"file": path.name, "sha256": sha256_of(path), "command": command, **info}
     manifest[name] = entry
     text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-    write_text_atomically(_manifest_path(path.parent), text)
+    with atomic_path(_manifest_path(path.parent)) as tmp:
+        tmp.write_text(text)
     return entry
 
 

@@ -1,44 +1,57 @@
 """The factorized denoiser of Yuan & Maire (NeurIPS 2024, arXiv 2309.15726).
 
-A U-Net whose output is forced to be a sum over K regions. The encoder and middle block are
-shared; a *mask generator* (a second decoder half fed by the middle features and every encoder
-skip) predicts K per-pixel logits, softmaxed into masks ``m_1..m_K`` that sum to 1; one
-*denoising decoder*, with weights shared by all regions, runs for every region at once (the
-regions are folded into the batch), each run seeing the encoder skips multiplied by its mask
-(average-pooled to each skip's resolution) and the unmasked middle features. The prediction is
+A U-Net whose prediction is forced to be a sum over K regions:
 
-    eps = sum_k m_k * eps_k.
+    h_enc = encoder(x_t, t)                      the skips, finest first
+    h_mid = middle(h_enc)
+    m_1..m_K = softmax(mask_generator(h_mid, h_enc))          (B, K, H, W), sum to 1
+    eps_k = decoder(h_mid, h_enc * m_k)          one decoder, its weights shared by the regions
+    eps = sum_k m_k * eps_k
 
-Trained only with the denoising loss; the masks are an unsupervised segmentation.
+Trained only with the denoising loss, the masks are an unsupervised segmentation.
+:class:`FactorizedDenoiser` is the paper's model; the decoding schemes of the paper's ablation
+(its table 6) are subclasses beside it, each overriding :meth:`FactorizedDenoiser.decode_regions`:
+:class:`ConcatDenoiser` (the mask as extra input channels instead of a product),
+:class:`MaskMidDenoiser` (h_mid masked too) and :class:`UnsharedDenoiser` (one decoder per
+region). :func:`factorized_denoiser` builds the class a :class:`FactorizedConfig` names.
+``mask_noise > 0`` is not in the paper: in training it adds Gumbel noise of that scale to the
+mask logits (Gumbel-softmax), drawn from the generator the training step passes.
 
-Variants exist only for the paper's ablations (chapter 3): ``mode="concat"`` gives the decoder
-the mask as extra input channels instead of multiplying, ``mode="mask_mid"`` also masks the middle
-features, ``shared_decoder=False`` uses one decoder per region. ``mask_noise > 0`` is not in the
-paper: in training it adds Gumbel noise of that scale to the mask logits, which makes each
-pixel's masks close to one-hot (Gumbel-softmax), so the model cannot keep them undecided.
+The module also reads what a trained model does: :func:`segment` (noise real images to t, one
+forward pass, the masks), :func:`segment_dataset`, :func:`masks_over_t`,
+:func:`generate_with_masks`, and the partition snapshots recorded during training
+(:func:`partition_probe`, :func:`partition_snapshots`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .profiles import model_device
-from .samplers import randn
+from .seeding import make_generator, randn
 from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, as_weight_dtype, check_input
 
 __all__ = [
     "FactorizedConfig",
     "FactorizedDenoiser",
+    "ConcatDenoiser",
+    "MaskMidDenoiser",
+    "UnsharedDenoiser",
+    "factorized_denoiser",
     "segment",
     "segment_dataset",
     "masks_over_t",
     "snapshot_timesteps",
     "generate_with_masks",
+    "partition_probe",
+    "partition_snapshots",
 ]
 
 MODES = ("multiply", "concat", "mask_mid")
@@ -46,22 +59,30 @@ MODES = ("multiply", "concat", "mask_mid")
 
 @dataclass(frozen=True)
 class FactorizedConfig:
-    """A factorized denoiser: the U-Net's widths, K, and the mask generator's width."""
+    """A factorized denoiser: the U-Net's widths, K, the mask generator's width, the variant."""
+
+    KIND: ClassVar[str] = "factorized"
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     num_regions: int = 2
     mask_channels: int | None = None  # base width of the mask generator; None: half the U-Net's
-    mode: str = "multiply"
-    shared_decoder: bool = True
+    mode: str = "multiply"  # how a region's decoder sees its mask (ablations: concat, mask_mid)
+    shared_decoder: bool = True  # False: one decoder per region (an ablation)
     mask_noise: float = 0.0  # scale of Gumbel noise on the mask logits in training; 0: none
 
     def __post_init__(self):
-        if isinstance(self.unet, dict):
-            object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
-        if not isinstance(self.num_regions, int) or self.num_regions < 2:
+        if not isinstance(self.unet, UNetConfig):
+            raise TypeError(f"unet must be a UNetConfig, got {type(self.unet).__name__}")
+        if (isinstance(self.num_regions, bool) or not isinstance(self.num_regions, int)
+                or self.num_regions < 2):
             raise ValueError(f"num_regions (K) must be an int >= 2, got {self.num_regions!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if (self.mode, self.shared_decoder) not in _VARIANTS:
+            raise ValueError(
+                f"mode={self.mode!r} with shared_decoder={self.shared_decoder} is not a variant "
+                f"of the paper's ablation: unshared decoders use mode='multiply'"
+            )
         if not isinstance(self.mask_noise, (int, float)) or not self.mask_noise >= 0:
             raise ValueError(f"mask_noise must be a number >= 0, got {self.mask_noise!r}")
         try:
@@ -69,12 +90,12 @@ class FactorizedConfig:
         except ValueError as err:
             raise ValueError(
                 f"mask_channels={self.mask_channels} gives the mask generator widths "
-                f"{[m * self.mask_config_base() for m in self.unet.channel_mults]}, which "
+                f"{[m * self.mask_base_channels() for m in self.unet.channel_mults]}, which "
                 f"GroupNorm cannot split into groups={self.unet.groups}: use a multiple of "
                 f"{self.unet.groups} ({err})"
             ) from None
 
-    def mask_config_base(self) -> int:
+    def mask_base_channels(self) -> int:
         """The mask generator's base width: ``mask_channels``, or half the U-Net's rounded up to
         a multiple of its GroupNorm groups."""
         if self.mask_channels:
@@ -83,29 +104,34 @@ class FactorizedConfig:
         return -(-max(1, self.unet.base_channels // 2) // groups) * groups
 
     def mask_config(self) -> UNetConfig:
-        """Return the mask generator's config: the U-Net's depth at ``mask_channels`` width.
-
-        It has no self-attention, so its widths need not divide into attention heads."""
+        """Return the mask generator's config: the U-Net's depth at the mask generator's width,
+        without self-attention (so its widths need not divide into attention heads)."""
         return dataclasses.replace(
             self.unet,
-            base_channels=self.mask_config_base(),
+            base_channels=self.mask_base_channels(),
             attention_levels=(),
             num_heads=1,
             out_channels=self.num_regions,
         )
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "unet": self.unet.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FactorizedConfig:
-        return cls(**{**d, "unet": UNetConfig.from_dict(d["unet"])})
 
 
 def _pool_mask(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Average-pool masks (N, 1, H, W) to ``size`` (the skips are 2^j times smaller)."""
     factor = masks.shape[-1] // size[-1]
     return masks if factor == 1 else F.avg_pool2d(masks, factor)
+
+
+def per_region(x: Tensor, k: int) -> Tensor:
+    """Repeat a batch (B, ...) once per region, region-major within each image: (B*K, ...)."""
+    return x.unsqueeze(1).expand(x.shape[0], k, *x.shape[1:]).reshape(-1, *x.shape[1:])
+
+
+def masked_per_region(x: Tensor, masks: Tensor) -> Tensor:
+    """Return features x (B, C, h, w) times each region's mask (B, K, H, W) pooled to (h, w),
+    as (B*K, C, h, w): one broadcast product writes the masked copies directly."""
+    b, k = masks.shape[:2]
+    pooled = _pool_mask(masks.reshape(b * k, 1, *masks.shape[-2:]), tuple(x.shape[-2:]))
+    return (x.unsqueeze(1) * pooled.view(b, k, 1, *x.shape[-2:])).reshape(b * k, *x.shape[1:])
 
 
 class FactorizedDenoiser(nn.Module):
@@ -121,82 +147,135 @@ class FactorizedDenoiser(nn.Module):
     def __init__(self, config: FactorizedConfig | None = None):
         super().__init__()
         cfg = config or FactorizedConfig()
+        if _VARIANTS[cfg.mode, cfg.shared_decoder] is not type(self):
+            raise TypeError(
+                f"{type(self).__name__} cannot build mode={cfg.mode!r}, "
+                f"shared_decoder={cfg.shared_decoder}: use factorized_denoiser(config)"
+            )
         self.config = cfg
         ucfg = cfg.unet
         self.time_embed = TimeEmbedding(ucfg)
         self.encoder = Encoder(ucfg)
         self.middle = Middle(ucfg, self.encoder.out_channels)
-        mid = self.encoder.out_channels
-        skips = self.encoder.skip_channels
-        self.mask_decoder = Decoder(cfg.mask_config(), skips, mid, cfg.num_regions, ucfg.emb_dim)
-        # "concat" appends the mask as `groups` identical channels: GroupNorm still divides.
-        self.extra = ucfg.groups if cfg.mode == "concat" else 0
-        dec_skips = [c + self.extra for c in skips]
-        out = ucfg.out_channels or ucfg.image_channels
-        n_decoders = 1 if cfg.shared_decoder else cfg.num_regions
-        self.decoders = nn.ModuleList(
-            [Decoder(ucfg, dec_skips, mid, out) for _ in range(n_decoders)]
-        )
+        mid, skips = self.encoder.out_channels, self.encoder.skip_channels
+        self.mask_generator = Decoder(cfg.mask_config(), skips, mid, cfg.num_regions, ucfg.emb_dim)
+        self.build_decoders(ucfg, skips, mid, ucfg.out_channels or ucfg.image_channels)
 
-    def forward(
-        self, xt: Tensor, t: Tensor, cond: Tensor | None = None, return_masks: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Predict eps (B, C, H, W); with ``return_masks`` also the masks (B, K, H, W)."""
+    def build_decoders(self, ucfg: UNetConfig, skips: list[int], mid: int, out: int) -> None:
+        """The paper's one denoising decoder, shared by every region."""
+        self.decoder = Decoder(ucfg, skips, mid, out)
+
+    def forward(self, xt: Tensor, t: Tensor, cond: Tensor | None = None, return_masks: bool = False,
+                generator: torch.Generator | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Predict eps (B, C, H, W); with ``return_masks`` also the masks (B, K, H, W).
+
+        ``generator`` draws the Gumbel mask noise in training when ``mask_noise > 0``.
+        """
         check_input(self.config.unet, xt, t)
         xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
-        skips = self.encoder(xt, emb)
-        h = self.middle(skips[-1], emb)
-        logits = self.mask_decoder(h, skips, emb).float()
-        if self.training and self.config.mask_noise > 0:
-            # Gumbel-softmax: noise drawn from the global generator, which train() seeds per step.
-            u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-            logits = logits - self.config.mask_noise * torch.log(-torch.log(u))
-        masks = logits.softmax(dim=1)
+        skips = self.encoder(xt, emb)  # h_enc
+        h = self.middle(skips[-1], emb)  # h_mid
+        masks = self.masks(h, skips, emb, generator)  # m_1..m_K
         eps_k = self.decode_regions(h, skips, emb, masks.to(h.dtype))  # (B, K, C, H, W)
-        eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)
+        eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)  # sum_k m_k eps_k
         return (eps, masks) if return_masks else eps
 
-    def decode_regions(self, h: Tensor, skips: list[Tensor], emb: Tensor, masks: Tensor) -> Tensor:
-        """Run the denoising decoder once per region, all regions in one batch.
+    def masks(self, h: Tensor, skips: list[Tensor], emb: Tensor, generator=None) -> Tensor:
+        """Return the soft masks (B, K, H, W): the mask generator's logits, softmaxed over K."""
+        logits = self.mask_generator(h, skips, emb).float()
+        if self.training and self.config.mask_noise > 0:
+            if generator is None:
+                raise ValueError(
+                    "mask_noise draws Gumbel noise in training: pass generator= (train() does)"
+                )
+            u = torch.rand(logits.shape, generator=generator, device=generator.device)
+            u = u.to(logits.device).clamp_(1e-6, 1 - 1e-6)
+            logits = logits - self.config.mask_noise * torch.log(-torch.log(u))
+        return logits.softmax(dim=1)
 
-        h: middle features (B, C_mid, h, w); skips: encoder features, finest first; emb (B, E);
-        masks (B, K, H, W). Returns eps_k (B, K, C, H, W).
+    def decode_regions(self, h: Tensor, skips: list[Tensor], emb: Tensor, masks: Tensor) -> Tensor:
+        """Run the shared decoder once per region, all regions in one batch.
+
+        Region k sees the unmasked h_mid (B, C_mid, h, w) and every encoder skip multiplied by
+        m_k, average-pooled to the skip's resolution. masks: (B, K, H, W). Returns eps_k
+        (B, K, C, H, W).
         """
         b, k = masks.shape[:2]
+        skips_k = [masked_per_region(s, masks) for s in skips]
+        out = self.decoder(per_region(h, k), skips_k, per_region(emb, k))
+        return out.view(b, k, *out.shape[1:])
+
+
+class ConcatDenoiser(FactorizedDenoiser):
+    """Ablation: a region's decoder gets its mask as extra input channels beside every skip,
+    instead of skips multiplied by it (``mode="concat"``)."""
+
+    def build_decoders(self, ucfg: UNetConfig, skips: list[int], mid: int, out: int) -> None:
+        # The mask goes in as `groups` identical channels, so GroupNorm still divides the widths.
+        self.decoder = Decoder(ucfg, [c + ucfg.groups for c in skips], mid, out)
+
+    def decode_regions(self, h, skips, emb, masks):
+        b, k = masks.shape[:2]
         flat = masks.reshape(b * k, 1, *masks.shape[-2:])
-        pooled = {}
+        skips_k = [
+            torch.cat([per_region(s, k), _pool_mask(flat, tuple(s.shape[-2:])).expand(
+                -1, self.config.unet.groups, -1, -1)], dim=1)
+            for s in skips
+        ]
+        out = self.decoder(per_region(h, k), skips_k, per_region(emb, k))
+        return out.view(b, k, *out.shape[1:])
 
-        def region_view(x: Tensor, mask: bool) -> Tensor:
-            # (B, C, ...) -> (B*K, C, ...): each image repeated once per region, masked if asked.
-            size = tuple(x.shape[-2:])
-            if mask and size not in pooled:
-                pooled[size] = _pool_mask(flat, size)
-            if mask and not self.extra:
-                # One broadcast product writes the B*K masked copies directly (no repeat first).
-                m = pooled[size].view(b, k, 1, *size)
-                return (x.unsqueeze(1) * m).reshape(b * k, *x.shape[1:])
-            rep = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
-            if not mask:
-                return rep
-            return torch.cat([rep, pooled[size].expand(-1, self.extra, -1, -1)], dim=1)
 
-        h_k = region_view(h, mask=self.config.mode == "mask_mid")
-        skips_k = [region_view(s, mask=True) for s in skips]
-        emb_k = region_view(emb, mask=False)
-        if len(self.decoders) == 1:
-            out = self.decoders[0](h_k, skips_k, emb_k)
-            return out.view(b, k, *out.shape[1:])
-        # Unshared decoders (an ablation): decoder j sees only region j's rows.
-        rows = [torch.arange(b, device=h.device) * k + j for j in range(k)]
+class MaskMidDenoiser(FactorizedDenoiser):
+    """Ablation: h_mid is multiplied by each region's mask too (``mode="mask_mid"``)."""
+
+    def decode_regions(self, h, skips, emb, masks):
+        b, k = masks.shape[:2]
+        skips_k = [masked_per_region(s, masks) for s in skips]
+        out = self.decoder(masked_per_region(h, masks), skips_k, per_region(emb, k))
+        return out.view(b, k, *out.shape[1:])
+
+
+class UnsharedDenoiser(FactorizedDenoiser):
+    """Ablation: one decoder per region instead of one shared by all (``shared_decoder=False``)."""
+
+    def build_decoders(self, ucfg: UNetConfig, skips: list[int], mid: int, out: int) -> None:
+        k = self.config.num_regions
+        self.decoders = nn.ModuleList([Decoder(ucfg, skips, mid, out) for _ in range(k)])
+
+    def decode_regions(self, h, skips, emb, masks):
         outs = [
-            dec(h_k[r], [s[r] for s in skips_k], emb_k[r]) for dec, r in zip(self.decoders, rows)
+            decoder(h, [s * _pool_mask(masks[:, j : j + 1], tuple(s.shape[-2:])) for s in skips],
+                    emb)
+            for j, decoder in enumerate(self.decoders)
         ]
         return torch.stack(outs, dim=1)
 
-    @classmethod
-    def from_config(cls, config: dict) -> FactorizedDenoiser:
-        return cls(FactorizedConfig.from_dict(config))
+
+_VARIANTS = {
+    ("multiply", True): FactorizedDenoiser,
+    ("concat", True): ConcatDenoiser,
+    ("mask_mid", True): MaskMidDenoiser,
+    ("multiply", False): UnsharedDenoiser,
+}
+
+
+def factorized_denoiser(config: FactorizedConfig | None = None) -> FactorizedDenoiser:
+    """Build the model a config names: the paper's, or one of its ablation variants."""
+    cfg = config or FactorizedConfig()
+    return _VARIANTS[cfg.mode, cfg.shared_decoder](cfg)
+
+
+def check_t(t, schedule) -> int:
+    """Return ``t`` as an int in [0, T), or raise a ValueError that says what was expected."""
+    try:
+        value = None if isinstance(t, bool) else operator.index(t)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value < schedule.num_timesteps:
+        raise ValueError(f"t must be an int in [0, {schedule.num_timesteps}), got {t!r}")
+    return value
 
 
 @torch.no_grad()
@@ -210,23 +289,19 @@ def segment(
 ) -> Tensor:
     """Segment real images: noise them to step ``t``, run one forward pass, return the masks.
 
-    x0: (B, C, H, W) in [-1, 1]; t: an int in [0, T). Returns soft masks (B, K, H, W); their
-    argmax over K is the segmentation. The paper uses a small t (about 30 of 1000). The model
-    runs on its own device; the masks come back on x0's.
+    x0: (B, C, H, W) in [-1, 1]; t: an int in [0, T). The noise is ``noise``, else drawn from
+    ``generator`` (default: seed 0). Returns soft masks (B, K, H, W); their argmax over K is
+    the segmentation. The paper uses t = 30 of a linear schedule of 1000 steps. The model runs
+    on its own device; the masks come back on x0's.
     """
+    t = check_t(t, schedule)
     if noise is None:  # drawn on the generator's device, then moved to x0's
         noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     device = model_device(model)
-    tt = torch.full((x0.shape[0],), int(t), dtype=torch.int64, device=device)
+    tt = torch.full((x0.shape[0],), t, dtype=torch.int64, device=device)
     xt = schedule.add_noise(x0.to(device), noise.to(device), tt)
     _, masks = model(xt, tt, return_masks=True)
     return masks.to(x0.device)
-
-
-def _check_t(t: int, schedule) -> int:
-    if not 0 <= int(t) < schedule.num_timesteps:
-        raise ValueError(f"t must be in [0, {schedule.num_timesteps}), got {t}")
-    return int(t)
 
 
 @torch.no_grad()
@@ -238,7 +313,7 @@ def masks_over_t(
     x0, noise: (P, C, H, W). Returns (P, len(timesteps), K, H, W): one forward pass over all
     (image, t) pairs. This is what the partition views of chapter 2 scrub through.
     """
-    ts = [_check_t(t, schedule) for t in timesteps]
+    ts = [check_t(t, schedule) for t in timesteps]
     p, n = x0.shape[0], len(ts)
     device = model_device(model)
     tt = torch.tensor(ts, dtype=torch.int64, device=device).repeat_interleave(p)
@@ -267,26 +342,20 @@ def segment_dataset(
 ) -> Tensor:
     """Segment the first ``num_images`` images of ``dataset`` at step ``t``; return soft masks.
 
-    The noise of image i depends only on (seed, i), so a sweep over t or over models sees the
-    same noise. Returns (N, K, H, W) float masks on the CPU.
+    The noise of image i comes from ``make_generator(seed, i)``, so a sweep over t or over
+    models sees the same noise. Returns (N, K, H, W) float masks on the CPU.
     """
     from tqdm.auto import tqdm
 
     from .data import stack_images
 
-    _check_t(t, schedule)
+    t = check_t(t, schedule)
     n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
-    device = model_device(model)
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"segment t={t}"):
         idx = list(range(start, min(n, start + batch_size)))
-        x0 = stack_images(dataset, idx).to(device)
-        noise = torch.stack(
-            [
-                torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed * 7919 + i))
-                for i in idx
-            ]
-        ).to(device)
+        x0 = stack_images(dataset, idx)
+        noise = torch.cat([randn((1, *x0.shape[1:]), make_generator(seed, i)) for i in idx])
         out.append(segment(model, schedule, x0, t, noise=noise).cpu())
     return torch.cat(out)
 
@@ -304,7 +373,7 @@ def generate_with_masks(
     """
     from .samplers import sample
 
-    _check_t(t_mask, schedule)
+    check_t(t_mask, schedule)
     closest = None
     last = None
     for st in sample(model, schedule, shape, **sample_kwargs):
@@ -317,3 +386,39 @@ def generate_with_masks(
     tt = torch.full((shape[0],), closest.t, dtype=torch.int64, device=device)
     _, masks = model(closest.xt.to(device), tt, return_masks=True)
     return last.xt.clamp(-1, 1), masks.to(last.xt.device)
+
+
+def partition_probe(schedule, images: Tensor, seed: int = 0):
+    """Return ``(snapshot, tensors)`` for recording a factorized model's partitions in training.
+
+    ``images`` (P, C, H, W): the probe, held-out images noised with one fixed noise tensor
+    (``make_generator(seed)``); ``snapshot(model)`` returns their masks at
+    :func:`snapshot_timesteps` as uint8 (0..255) of all regions but the last, shape
+    (P, n_t, K - 1, H, W): the masks sum to one, so the last is implied and storing it would only
+    make checkpoints bigger (:func:`partition_snapshots` restores it). ``tensors`` holds the
+    probe images and timesteps, to save beside the weights.
+    """
+    noise = randn(images.shape, make_generator(seed))
+    ts = snapshot_timesteps(schedule.num_timesteps)
+
+    def snapshot(model: nn.Module) -> Tensor:
+        device = model_device(model)
+        masks = masks_over_t(model, schedule, images.to(device), ts, noise.to(device))
+        return (masks[:, :, :-1].float() * 255).round().to(torch.uint8).cpu()
+
+    return snapshot, {"snapshot_images": images, "snapshot_timesteps": torch.tensor(ts)}
+
+
+def partition_snapshots(tensors: dict[str, Tensor]) -> Tensor:
+    """Return a factorized checkpoint's training snapshots with every region's mask.
+
+    ``tensors``: the ``meta["tensors"]`` of the checkpoint. Returns uint8 (S, P, n_t, K, H, W)
+    in 0..255 (S snapshots of P probe images at n_t timesteps): the stored K - 1 masks and the
+    last one as 255 minus their sum, so the K masks sum to 255 (exactly for K = 2; for more
+    regions the K - 1 stored roundings can push the sum a little past it).
+    """
+    if "snapshot_masks" not in tensors:
+        raise KeyError("no partition snapshots here: only factorized training records them")
+    head = tensors["snapshot_masks"]
+    last = (255 - head.int().sum(dim=3, keepdim=True)).clamp(0, 255).to(torch.uint8)
+    return torch.cat([head, last], dim=3)

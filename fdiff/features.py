@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .profiles import model_device
+from .seeding import make_generator, randn
 
 __all__ = ["capture", "decoder_blocks", "DiffusionFeatures", "sample_pixels"]
 
@@ -58,7 +59,9 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    decoder = getattr(model, "decoder", None) or getattr(model, "mask_decoder", None)
+    # The factorized model's denoising decoder runs once per region: its mask generator is the
+    # decoder whose activations describe each pixel once.
+    decoder = getattr(model, "mask_generator", None) or getattr(model, "decoder", None)
     if decoder is None:
         raise TypeError(
             f"expected a UNet or a FactorizedDenoiser, got {type(model).__name__}, which has no "
@@ -100,8 +103,7 @@ class DiffusionFeatures:
         self.timesteps = tuple(int(t) for t in timesteps)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.modules = {f"block{b}": all_blocks[b] for b in self.blocks}
-        gen = torch.Generator().manual_seed(noise_seed)
-        self.noise = torch.randn(self.image_shape, generator=gen)
+        self.noise = randn((1, *self.image_shape), make_generator(noise_seed))[0]
         widths = [_decoder(model).block_channels[b] for b in self.blocks]
         self.in_channels = [(t, b, w) for t in self.timesteps for b, w in zip(self.blocks, widths)]
 
@@ -149,7 +151,7 @@ def sample_pixels(
     pixels_per_image (all pixels when None). Pixels labelled -1 are dropped. Only one batch of
     feature maps exists at a time.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)
     xs, ys = [], []
     for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="features"):
         idx = list(indices[start : start + batch_size])

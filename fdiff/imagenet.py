@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import _replace_durably
+from .checkpoints import atomic_path
 from .profiles import model_device
 
 __all__ = [
@@ -47,11 +47,9 @@ def _copy_offline_weights() -> bool:
     source = Path(list(spec.submodule_search_locations)[0]) / "weights" / WEIGHTS_FILE
     if not source.is_file():
         return False
-    _hub_file().parent.mkdir(parents=True, exist_ok=True)
     # Copied next to its place and renamed: an interrupted copy never looks like cached weights.
-    tmp = _hub_file().with_name(WEIGHTS_FILE + ".tmp")
-    shutil.copyfile(source, tmp)
-    _replace_durably(tmp, _hub_file())
+    with atomic_path(_hub_file()) as tmp:
+        shutil.copyfile(source, tmp)
     return True
 
 

@@ -200,7 +200,7 @@ def _as_probabilities(masks: Tensor) -> Tensor:
 
 def mask_stats(masks: Tensor) -> dict[str, float]:
     """Measure how decided and how balanced soft masks (B, K, H, W) are (float in [0, 1], or
-    uint8 in [0, 255] as :func:`fdiff.train.partition_snapshots` stores them).
+    uint8 in [0, 255] as :func:`fdiff.factorized.partition_snapshots` stores them).
 
     Returns the mean per-pixel entropy (0: hard masks; log K: uniform), its ratio to log K, the
     area fraction of each region (argmax), and ``largest_area``: the biggest region's mean share

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .seeding import init_module, make_generator
+
 __all__ = ["PixelMLP", "ProbeConfig", "ProbeEnsemble", "vote", "predict_images"]
 
 
@@ -99,15 +101,14 @@ class ProbeEnsemble:
         cfg = self.config
         self.mean, self.std = X.mean(0), X.std(0).clamp(min=1e-6)
         Xn = (X - self.mean) / self.std
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = make_generator(cfg.seed)
         perm = torch.randperm(len(X), generator=gen)
         n_val = int(len(X) * cfg.val_fraction)
         val, tr = perm[:n_val], perm[n_val:]
         self.members, self.epochs = [], []
         for i in range(cfg.ensemble_size):
-            with torch.random.fork_rng(devices=[]):  # the caller's generator is left alone
-                torch.manual_seed(cfg.seed * 1000 + i)
-                net = PixelMLP(self.in_dim, self.num_classes, cfg.hidden)
+            net = init_module(lambda: PixelMLP(self.in_dim, self.num_classes, cfg.hidden),
+                              make_generator(cfg.seed, i))
             opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
             best, best_loss, bad, epochs = copy.deepcopy(net.state_dict()), float("inf"), 0, 0
             for _ in range(cfg.max_epochs):

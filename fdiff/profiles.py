@@ -49,51 +49,14 @@ class Profile:
     num_timesteps: int = 1000
 
 
-PROFILES: dict[str, Profile] = {
-    "ci": Profile(
-        name="ci",
-        image_size=16,
-        num_train_images=256,
-        num_test_images=32,
-        base_channels=16,
-        channel_mults=(1, 2),
-        num_res_blocks=1,
-        train_steps=20,
-        batch_size=16,
-        learning_rate=1e-3,
-        num_sample_images=4,
-        ddim_steps=10,
-        num_timesteps=100,
-    ),
-    "cpu": Profile(
-        name="cpu",
-        image_size=32,
-        num_train_images=50_000,
-        num_test_images=500,
-        base_channels=32,
-        channel_mults=(1, 2, 2),
-        num_res_blocks=1,
-        train_steps=3000,
-        batch_size=64,
-        learning_rate=1e-3,
-        num_sample_images=16,
-        ddim_steps=50,
-    ),
-    "gpu": Profile(
-        name="gpu",
-        image_size=64,
-        num_train_images=200_000,
-        num_test_images=2000,
-        base_channels=64,
-        channel_mults=(1, 2, 2, 4),
-        num_res_blocks=2,
-        train_steps=50_000,
-        batch_size=128,
-        learning_rate=2e-4,
-        num_sample_images=64,
-        ddim_steps=100,
-    ),
+# One row per profile, in the order of Profile's fields after its name:
+#         image  train     test  base  channel_mults  blocks steps   batch lr    samples ddim T
+_TABLE = {
+    "ci":  (16,   256,     32,   16,   (1, 2),        1,     20,     16,   1e-3, 4,      10,  100),
+    "cpu": (32,   50_000,  500,  32,   (1, 2, 2),     1,     3000,   64,   1e-3, 16,     50,  1000),
+    "gpu": (64,   200_000, 2000, 64,   (1, 2, 2, 4),  2,     50_000, 128,  2e-4, 64,     100, 1000),
 }
+PROFILES: dict[str, Profile] = {name: Profile(name, *row) for name, row in _TABLE.items()}
 
 
 def get_profile(name: str | None = None) -> Profile:

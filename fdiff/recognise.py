@@ -1,6 +1,6 @@
 """Are generated images recognisable? A measurable answer on the simplest built-in data.
 
-On ``simple-shapes`` (:data:`~fdiff.data.BUILTIN_DATASETS`) every image is one flat shape on a
+On ``simple-shapes`` (:data:`~fdiff.worlds.WORLDS`) every image is one flat shape on a
 flat background. A generated image counts as a recognisable shape when three checks pass:
 
 1. **two flat colours**: 2-means on its pixel colours (:func:`two_colour_split`) leaves a small
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor
+
+from .shapes import SYMMETRY, shape_sdf, unit_areas
 
 __all__ = [
     "two_colour_split",
@@ -96,19 +98,6 @@ def _largest_piece(figure: np.ndarray) -> float:
     return float(np.bincount(labels.ravel())[1:].max() / figure.sum())
 
 
-def _unit_areas(resolution: int = 400) -> dict[int, float]:
-    """Area of each shape class at radius 1, measured on a fine grid."""
-    from .data import _shape_sdf
-
-    c = (np.arange(resolution) + 0.5) / resolution * 4 - 2  # [-2, 2]: every shape fits
-    inside = {k: _shape_sdf(k, c[None, :], c[:, None], 1.0) < 0 for k in range(1, 6)}
-    return {k: float(v.mean() * 16) for k, v in inside.items()}
-
-
-# The rotations after which each class looks the same (0: it does not rotate).
-_SYMMETRY = {1: 0.0, 2: math.pi / 2, 3: 2 * math.pi / 3, 4: 0.0, 5: math.pi / 2}
-
-
 def fit_shapes(
     figure: Tensor,
     num_angles: int = 24,
@@ -117,21 +106,19 @@ def fit_shapes(
 ) -> tuple[Tensor, Tensor]:
     """Fit the built-in data's five shapes to each figure mask of ``figure`` (B, H, W) bool.
 
-    Each class is drawn with the data's own geometry (:class:`~fdiff.data.ShapesDataset`) at
+    Each class is drawn with the data's own geometry (:func:`~fdiff.shapes.shape_sdf`) at
     the figure's centroid, at the radius that gives the figure's area, then scaled by ``scales``,
     moved by ``shifts`` (pixels, in x and y) and turned through ``num_angles`` rotations of its
     symmetry period. Returns ``iou``, float (B,), the best IoU between figure and drawn shape,
     and ``label``, int64 (B,), the class that gave it (an index of ``ShapesDataset.CLASS_NAMES``;
     0 for an empty figure).
     """
-    from .data import _shape_sdf
-
     if not isinstance(figure, Tensor) or figure.ndim != 3 or figure.dtype != torch.bool:
         got = (figure.dtype, tuple(figure.shape)) if isinstance(figure, Tensor) else type(figure)
         raise ValueError(f"figure must be a bool tensor of shape (B, H, W), got {got}")
     figs = figure.cpu().numpy()
     b, h, w = figs.shape
-    areas = _unit_areas()
+    areas = unit_areas()
     px = ((np.arange(w) + 0.5) / w).astype(np.float32)
     py = ((np.arange(h) + 0.5) / h).astype(np.float32)
     best_iou, best_label = np.zeros(b), np.zeros(b, dtype=np.int64)
@@ -143,7 +130,7 @@ def fit_shapes(
         cy, cx = (ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w
         for k in range(1, 6):
             r0 = math.sqrt(count / (h * w) / areas[k])
-            period = _SYMMETRY[k]
+            period = SYMMETRY[k]
             angles = np.arange(num_angles) * period / num_angles if period else np.zeros(1)
             grid = np.meshgrid(np.asarray(shifts) / w, np.asarray(shifts) / h, angles,
                                np.asarray(scales), indexing="ij")
@@ -151,7 +138,7 @@ def fit_shapes(
             dx = px[None, None, :] - (cx + ox)
             dy = py[None, :, None] - (cy + oy)
             ca, sa = np.cos(a), np.sin(a)
-            inside = _shape_sdf(k, ca * dx + sa * dy, ca * dy - sa * dx, r0 * sc) < 0
+            inside = shape_sdf(k, ca * dx + sa * dy, ca * dy - sa * dx, r0 * sc) < 0
             iou = ((inside & f).sum((1, 2)) / (inside | f).sum((1, 2))).max()
             if iou > best_iou[i]:
                 best_iou[i], best_label[i] = iou, k

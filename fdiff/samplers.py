@@ -3,7 +3,8 @@
 ``sample`` is a generator that yields every step of the trajectory, so a chapter can draw the
 reverse process or stop early; ``generate`` runs it to the end. Randomness comes from
 ``generator``: one ``torch.Generator`` for the whole batch, or a list of one generator per sample
-(see :func:`per_sample_generators`), which makes sample i independent of the batch size.
+(:func:`fdiff.seeding.per_sample_generators`), which makes sample i independent of the batch
+size. Without one, a generator seeded with 0 is used: the same call gives the same samples.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from .profiles import model_device
 from .schedules import NoiseSchedule
+from .seeding import make_generator, randn
 
 __all__ = [
     "Step",
@@ -27,8 +29,6 @@ __all__ = [
     "generate",
     "ddim_invert",
     "regenerate",
-    "per_sample_generators",
-    "randn",
 ]
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -44,41 +44,6 @@ class Step:
     t: int
     xt: Tensor
     x0: Tensor
-
-
-def per_sample_generators(seed: int, n: int, device: str | torch.device = "cpu") -> list:
-    """Return ``n`` generators, the i-th seeded from (seed, i), so sample i never depends on n."""
-    gens = []
-    for i in range(n):
-        g = torch.Generator(device=device)
-        g.manual_seed(seed * 1_000_003 + i)
-        gens.append(g)
-    return gens
-
-
-def randn(shape: Sequence[int], generator: Generator = None, device=None, dtype=None) -> Tensor:
-    """Draw N(0, I) of ``shape`` onto ``device``; with a list of generators, row i comes from
-    generator i.
-
-    Each draw happens on its generator's own device and is then moved, so CPU generators (the
-    default of :func:`per_sample_generators`) drive a model on a GPU, and a seed gives the same
-    noise whatever the model's device.
-    """
-    if generator is None:
-        return torch.randn(tuple(shape), device=device, dtype=dtype)
-    if isinstance(generator, torch.Generator):
-        generator = [generator]
-        rows = [tuple(shape)]
-    else:
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        rows = [(1, *shape[1:])] * len(generator)
-    return torch.cat(
-        [
-            torch.randn(r, generator=g, device=g.device, dtype=dtype).to(device)
-            for r, g in zip(rows, generator, strict=True)
-        ]
-    )
 
 
 def _full_t(value: int, like: Tensor) -> Tensor:
@@ -98,7 +63,8 @@ def ddpm_step(
 
     Uses the posterior q(x_{t-1} | x_t, x0_hat) with x0_hat from the predicted eps (clipped to
     [-1, 1] if ``clip_x0``) and variance ``beta_tilde_t`` ("fixed small"); no noise is added at
-    t = 0. eps, xt: (B, C, H, W); t: int64 (B,). Returns (x_{t-1}, x0_hat).
+    t = 0. The noise is ``noise``, else drawn from ``generator`` (one of them is needed).
+    eps, xt: (B, C, H, W); t: int64 (B,). Returns (x_{t-1}, x0_hat).
     """
     x0 = schedule.eps_to_x0(xt, eps, t)
     if clip_x0:
@@ -207,6 +173,8 @@ def sample(
             raise ValueError("t_start needs xT, the images at step t_start")
     if device is None:
         device = model_device(model)
+    if generator is None:
+        generator = make_generator(0)
     out = xT.device if xT is not None else torch.device("cpu")
     xt = randn(shape, generator, device=device) if xT is None else xT.to(device)
     if method == "ddpm":
@@ -259,6 +227,8 @@ def regenerate(
     ``generator`` also drives the reverse process (DDPM, or DDIM with eta > 0). ``kwargs`` go to
     :func:`sample` (method, num_steps, eta...). Returns (B, C, H, W) in [-1, 1].
     """
+    if generator is None:
+        generator = make_generator(0)
     if noise is None:
         noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     tt = torch.full((x0.shape[0],), int(t_start), dtype=torch.int64, device=x0.device)

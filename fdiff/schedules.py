@@ -8,11 +8,12 @@ tensors of shape (B,). Schedules are computed in float64 and stored in float32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSchedule", "linear_betas", "cosine_betas"]
+__all__ = ["NoiseSchedule", "ScheduleConfig", "linear_betas", "cosine_betas"]
 
 
 def linear_betas(
@@ -41,6 +42,21 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 
 
 _SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Which schedule a run uses: ``kind`` ("linear" or "cosine") and its ``num_timesteps``."""
+
+    kind: str = "cosine"
+    num_timesteps: int = 1000
+
+    def __post_init__(self):
+        NoiseSchedule(self.kind, self.num_timesteps)  # the same checks, the same messages
+
+    def build(self) -> NoiseSchedule:
+        """Return the :class:`NoiseSchedule` this config describes."""
+        return NoiseSchedule(self.kind, self.num_timesteps)
 
 
 class NoiseSchedule:

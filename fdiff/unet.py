@@ -12,9 +12,9 @@ Shapes: ``xt`` (B, C, H, W) with H and W divisible by ``2 ** (len(channel_mults)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,8 @@ __all__ = ["UNetConfig", "UNet", "Encoder", "Middle", "Decoder", "timestep_embed
 class UNetConfig:
     """Widths and depth of the U-Net. Vary it with ``dataclasses.replace``."""
 
+    KIND: ClassVar[str] = "unet"  # names the model in checkpoints and runs (fdiff.configs)
+
     image_channels: int = 3
     out_channels: int | None = None  # None: same as image_channels (eps prediction)
     base_channels: int = 32
@@ -37,7 +39,6 @@ class UNetConfig:
     num_res_blocks: int = 1
     attention_levels: tuple[int, ...] | None = None  # None: the lowest resolution only
     num_heads: int = 4
-    dropout: float = 0.0
     cond_dim: int = 0  # 0: unconditional
     groups: int = 8
     # How 3x3 convolutions see beyond the image's border: "zeros" (the usual) makes the outermost
@@ -86,14 +87,6 @@ class UNetConfig:
     def widths(self) -> list[int]:
         return [m * self.base_channels for m in self.channel_mults]
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        # Left out at its default, so that configs saved before the option existed (and the
-        # recipe digests computed from them) are unchanged.
-        if d["padding_mode"] == "zeros":
-            del d["padding_mode"]
-        return d
-
     @classmethod
     def from_profile(cls, profile, **overrides) -> UNetConfig:
         """Return the config of the profile's U-Net (widths and depth), with ``overrides``."""
@@ -103,14 +96,6 @@ class UNetConfig:
             "num_res_blocks": profile.num_res_blocks,
         }
         return cls(**{**fields, **overrides})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}")
-        return cls(**d)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -129,7 +114,6 @@ class ResBlock(nn.Module):
         in_ch: int,
         out_ch: int,
         emb_dim: int,
-        dropout: float,
         groups: int,
         padding_mode: str = "zeros",
     ):
@@ -138,14 +122,13 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
         self.emb = nn.Linear(emb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 
@@ -187,7 +170,7 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.res = ResBlock(
-            in_ch, out_ch, emb_dim or cfg.emb_dim, cfg.dropout, cfg.groups, cfg.padding_mode
+            in_ch, out_ch, emb_dim or cfg.emb_dim, cfg.groups, cfg.padding_mode
         )
         self.attn = Attention(out_ch, cfg.num_heads, cfg.groups) if attention else None
 
@@ -414,10 +397,14 @@ class UNet(nn.Module):
         out = cfg.out_channels or cfg.image_channels
         self.decoder = Decoder(cfg, self.encoder.skip_channels, self.encoder.out_channels, out)
 
-    def forward(
-        self, xt: Tensor, t: Tensor, cond: Tensor | None = None, return_features: bool = False
-    ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Predict eps from x_t. With ``return_features``, also return the decoder block outputs."""
+    def forward(self, xt: Tensor, t: Tensor, cond: Tensor | None = None,
+                return_features: bool = False, generator: torch.Generator | None = None
+                ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Predict eps from x_t. With ``return_features``, also return the decoder block outputs.
+
+        ``generator`` supplies a denoiser's random draws in training; the U-Net makes none and
+        ignores it, which lets the training loss call every denoiser alike.
+        """
         check_input(self.config, xt, t)
         xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
@@ -426,10 +413,6 @@ class UNet(nn.Module):
         features: list[Tensor] | None = [] if return_features else None
         out = self.decoder(h, skips, emb, features)
         return (out, features) if return_features else out
-
-    @classmethod
-    def from_config(cls, config: dict) -> UNet:
-        return cls(UNetConfig.from_dict(config))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -6,6 +6,9 @@ source (and of the profile) beside the cache and clears the cache when the hash 
 
     python scripts/build_book.py --profile cpu            # the book: _build/html
     python scripts/build_book.py --profile ci --strict    # CI: _build/ci/_build/html, -W
+
+After a successful build, every value the chapters glue is written to ``<build>/results.json``
+(``_build/results.json`` for the book; see scripts/book_results.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import book_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +68,7 @@ def main() -> int:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest)
         print(f"book ({args.profile} profile): {build / 'html' / 'index.html'}")
+        print(f"results: {book_results.write(build)}")
     return code
 
 

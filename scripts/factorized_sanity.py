@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 
 from fdiff.baselines import colour_kmeans
-from fdiff.data import builtin_dataset
 from fdiff.factorized import segment_dataset
 from fdiff.metrics import decidedness, foreground_scores, image_frame, mask_stats, near_edges
 from fdiff.profiles import get_profile
+from fdiff.runs import load_run
 from fdiff.schedules import NoiseSchedule
-from fdiff.train import load_or_train
+from fdiff.worlds import world
 
 
 def main() -> None:
@@ -36,16 +36,10 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=200)
     args = parser.parse_args()
     profile = get_profile("cpu")
-    model, info = load_or_train(
-        "factorized_simple-shapes",
-        kind="factorized",
-        profile=profile,
-        dataset="simple-shapes",
-        steps=args.steps,
-        device="cpu",
-    )
+    model, info = load_run("factorized_simple-shapes", profile, changes={"steps": args.steps},
+                           device="cpu")
     schedule = NoiseSchedule(**info["schedule"])
-    test = builtin_dataset("simple-shapes", args.test_images, profile.image_size, split="test")
+    test = world("simple-shapes", args.test_images, profile.image_size, split="test")
     batch = test.batch(list(range(len(test))))
     fg = batch["mask"]
     edge = near_edges(fg)

@@ -83,6 +83,6 @@ def test_committed_manifest_entries_are_complete():
     manifest = read_manifest()
     assert "ddpm_shapes" in manifest and "factorized_shapes" in manifest
     for name, entry in manifest.items():
-        assert {"file", "sha256", "command", "duration_s", "steps", "profile"} <= set(entry), name
+        assert {"file", "sha256", "command", "duration_s", "run", "profile"} <= set(entry), name
         assert entry["command"].startswith("python -m fdiff.train")
         assert (checkpoint_dir() / entry["file"]).is_file(), name

@@ -17,8 +17,9 @@ from fdiff.factorized import (
     segment,
 )
 from fdiff.features import DiffusionFeatures
-from fdiff.samplers import ddim_invert, generate, per_sample_generators, regenerate
+from fdiff.samplers import ddim_invert, generate, regenerate
 from fdiff.schedules import NoiseSchedule
+from fdiff.seeding import per_sample_generators
 from fdiff.train import denoising_loss
 from fdiff.unet import UNet, UNetConfig
 
@@ -71,15 +72,13 @@ def test_segmentation_and_features_take_cpu_images_to_a_gpu_model_and_back():
     _close(*feats)
 
 
-def test_load_or_train_puts_the_model_on_the_asked_device(tmp_path, monkeypatch):
-    from fdiff.profiles import get_profile
-    from fdiff.train import load_or_train
+def test_load_run_puts_the_model_on_the_asked_device(tmp_path, monkeypatch):
+    from fdiff.runs import load_run
 
     monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
-    model, _ = load_or_train("gpu_check", profile=get_profile("ci"), steps=1, progress=False)
+    model, _ = load_run("ddpm_simple-shapes", profile="ci", progress=False)
     assert next(model.parameters()).device.type == "cuda"
-    model, _ = load_or_train("gpu_check", profile=get_profile("ci"), steps=1, progress=False,
-                             device="cpu")
+    model, _ = load_run("ddpm_simple-shapes", profile="ci", progress=False, device="cpu")
     assert next(model.parameters()).device.type == "cpu"
 
 

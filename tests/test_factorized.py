@@ -8,6 +8,8 @@ from fdiff.checkpoints import load_model, save_model
 from fdiff.factorized import (
     FactorizedConfig,
     FactorizedDenoiser,
+    UnsharedDenoiser,
+    factorized_denoiser,
     generate_with_masks,
     masks_over_t,
     segment,
@@ -23,7 +25,7 @@ UCFG = UNetConfig(base_channels=16, channel_mults=(1, 2), num_heads=2)
 
 def _model(k=2, seed=0, **kw):
     torch.manual_seed(seed)
-    return FactorizedDenoiser(FactorizedConfig(UCFG, num_regions=k, **kw))
+    return factorized_denoiser(FactorizedConfig(UCFG, num_regions=k, **kw))
 
 
 def _xt(b=2, size=8, seed=0):
@@ -45,20 +47,20 @@ def test_output_is_the_mask_weighted_sum_of_region_predictions():
     emb = model.time_embed(t)
     skips = model.encoder(xt, emb)
     h = model.middle(skips[-1], emb)
-    masks = model.mask_decoder(h, skips, emb).softmax(1)
+    masks = model.mask_generator(h, skips, emb).softmax(1)
     # Region k by hand: the shared decoder on skips multiplied by mask k, unmasked h_mid.
     by_hand = []
     for k in range(3):
         m = masks[:, k : k + 1]
         masked = [s * torch.nn.functional.adaptive_avg_pool2d(m, s.shape[-2:]) for s in skips]
-        by_hand.append(model.decoders[0](h, masked, emb))
+        by_hand.append(model.decoder(h, masked, emb))
     expected = sum(masks[:, k : k + 1] * by_hand[k] for k in range(3))
     torch.testing.assert_close(model(xt, t), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_parameter_count_does_not_grow_with_k():
     def without_mask_head(m):
-        return count_parameters(m) - count_parameters(m.mask_decoder.conv_out)
+        return count_parameters(m) - count_parameters(m.mask_generator.conv_out)
 
     counts = {k: without_mask_head(_model(k)) for k in (2, 3, 4)}
     assert len(set(counts.values())) == 1, counts
@@ -75,7 +77,7 @@ def test_gradients_reach_the_mask_generator_and_every_parameter():
     model(xt, t).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
-    assert model.mask_decoder.conv_out.weight.grad.abs().sum() > 0
+    assert model.mask_generator.conv_out.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", ["concat", "mask_mid"])
@@ -102,26 +104,37 @@ def test_unshared_decoders_match_a_per_region_loop():
     torch.testing.assert_close(eps, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_mask_noise_randomises_training_masks_only():
+def test_mask_noise_randomises_training_masks_only_and_draws_from_the_generator():
     noisy, plain = _model(2, mask_noise=1.0), _model(2)
     xt, t = _xt(b=4)
-    torch.manual_seed(0)
-    _, m1 = noisy(xt, t, return_masks=True)
-    _, m2 = noisy(xt, t, return_masks=True)
-    assert not torch.equal(m1, m2)  # a fresh Gumbel draw per call in training
+    state = torch.get_rng_state()
+    _, m1 = noisy(xt, t, return_masks=True, generator=torch.Generator().manual_seed(0))
+    _, m2 = noisy(xt, t, return_masks=True, generator=torch.Generator().manual_seed(1))
+    _, m1_again = noisy(xt, t, return_masks=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the global generator
+    assert not torch.equal(m1, m2) and torch.equal(m1, m1_again)
     torch.testing.assert_close(m1.sum(1), torch.ones(4, 8, 8))
     # Untrained logits are small, so the noise decides: many pixels are nearly one-hot.
     _, m_plain = plain(xt, t, return_masks=True)
     decided = [(m.max(1).values > 0.8).float().mean() for m in (m1, m_plain)]
     assert decided[0] > 0.3 > decided[1]
+    with pytest.raises(ValueError, match="pass generator="):
+        noisy(xt, t)
     noisy.eval()
     plain.eval()
     torch.testing.assert_close(noisy(xt, t, return_masks=True)[1],
                                plain(xt, t, return_masks=True)[1], rtol=0, atol=0)
-    # Old checkpoints' configs have no mask_noise: they load as the paper's model.
-    d = plain.config.to_dict()
-    del d["mask_noise"]
-    assert FactorizedConfig.from_dict(d).mask_noise == 0.0
+
+
+def test_each_variant_has_its_class_and_a_class_builds_only_its_variant():
+    assert type(_model(2, mode="concat")).__name__ == "ConcatDenoiser"
+    assert type(_model(2, mode="mask_mid")).__name__ == "MaskMidDenoiser"
+    assert type(_model(2, shared_decoder=False)) is UnsharedDenoiser
+    assert type(_model(2)) is FactorizedDenoiser
+    with pytest.raises(TypeError, match="use factorized_denoiser"):
+        FactorizedDenoiser(FactorizedConfig(UCFG, mode="concat"))
+    with pytest.raises(ValueError, match="not a variant"):
+        FactorizedConfig(UCFG, mode="concat", shared_decoder=False)
 
 
 def test_tiny_model_overfits_a_batch_and_its_masks_are_not_uniform():
@@ -175,7 +188,7 @@ def test_masks_over_t_is_segment_at_each_t():
     assert masks.shape == (2, 3, 3, 8, 8)
     for i, t in enumerate(ts):
         torch.testing.assert_close(masks[:, i], segment(model, schedule, x0, t, noise=noise))
-    with pytest.raises(ValueError, match="t must be in"):
+    with pytest.raises(ValueError, match=r"t must be an int in \[0, 100\), got 100"):
         masks_over_t(model, schedule, x0, (100,), noise)
     assert snapshot_timesteps(1000) == (10, 30, 60, 120, 250, 500)
 

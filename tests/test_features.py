@@ -73,10 +73,10 @@ def test_factorized_models_expose_their_mask_generator_blocks():
     model = FactorizedDenoiser(FactorizedConfig(CFG, num_regions=2))
     fx = DiffusionFeatures(model, NoiseSchedule("cosine", 100), [0, 1], [10], (3, 8, 8))
     assert fx(torch.zeros(2, 3, 8, 8)).shape == (2, fx.dim, 8, 8)
-    mask_generator = set(model.mask_decoder.modules())
+    mask_generator = set(model.mask_generator.modules())
     blocks = decoder_blocks(model)
     assert blocks and all(b in mask_generator for b in blocks)
-    assert not any(b in set(model.decoders.modules()) for b in blocks)
+    assert not any(b in set(model.decoder.modules()) for b in blocks)
 
 
 def test_bad_arguments():

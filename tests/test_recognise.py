@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fdiff.data import builtin_dataset
 from fdiff.recognise import fit_shapes, recognise_shapes, two_colour_split
+from fdiff.worlds import world
 
 
 def _two_colours(figure: torch.Tensor, fg=(0.8, -0.2, 0.1), bg=(-0.5, 0.3, 0.6)) -> torch.Tensor:
@@ -49,7 +49,7 @@ def test_bad_input_is_refused():
 
 @pytest.fixture(scope="module")
 def held_out():
-    return builtin_dataset("simple-shapes", 30, 32, split="test").batch(range(30))
+    return world("simple-shapes", 30, 32, split="test").batch(range(30))
 
 
 def test_the_data_s_own_shapes_fit_and_are_named(held_out):

@@ -8,11 +8,11 @@ from fdiff.samplers import (
     ddim_timesteps,
     ddpm_step,
     generate,
-    per_sample_generators,
     regenerate,
     sample,
 )
 from fdiff.schedules import NoiseSchedule
+from fdiff.seeding import per_sample_generators
 
 
 def _inputs(seed=0, shape=(4, 3, 8, 8)):
