@@ -39,20 +39,23 @@ def _as_value(text: str):
     return value
 
 
+def _output_value(output: dict):
+    """The value of one glue output, or None for a figure or other rich output."""
+    data = {k.removeprefix(GLUE_PREFIX): v for k, v in output.get("data", {}).items()}
+    if set(data) - {"text/plain"}:  # a figure, HTML or other rich output
+        return None
+    text = data.get("text/plain")
+    text = "".join(text) if isinstance(text, list) else text
+    return _as_value(text) if text is not None else None
+
+
 def glued_values(notebook: dict) -> dict:
-    """Return ``{name: value}`` for every glue output of an executed notebook (nbformat 4)."""
+    """Return ``{name: value}`` for every glue output left in an executed notebook."""
     values = {}
     for cell in notebook.get("cells", []):
         for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name is None:
-                continue
-            data = {k.removeprefix(GLUE_PREFIX): v for k, v in output.get("data", {}).items()}
-            if set(data) - {"text/plain"}:  # a figure, HTML or other rich output
-                continue
-            text = data.get("text/plain")
-            text = "".join(text) if isinstance(text, list) else text
-            value = _as_value(text) if text is not None else None
+            value = _output_value(output) if name is not None else None
             if value is not None:
                 values[name] = value
     return values
@@ -70,10 +73,21 @@ def referenced_names(notebook: dict) -> set[str]:
 
 
 def collect(build: Path) -> dict[str, dict]:
-    """Return the glued values of every executed chapter below ``build/jupyter_execute``."""
+    """Return the glued values of every executed chapter below ``build/jupyter_execute``.
+
+    myst-nb moves a notebook's glue outputs into ``<stem>.glue.json`` beside it; outputs still
+    in the notebook count too.
+    """
     results = {}
     for path in sorted((build / "jupyter_execute").rglob("*.ipynb")):
-        results[path.stem] = glued_values(json.loads(path.read_text(encoding="utf-8")))
+        values = glued_values(json.loads(path.read_text(encoding="utf-8")))
+        store = path.with_suffix(".glue.json")
+        if store.is_file():
+            for name, output in json.loads(store.read_text(encoding="utf-8")).items():
+                value = _output_value(output)
+                if value is not None:
+                    values[name] = value
+        results[path.stem] = dict(sorted(values.items()))
     return results
 
 
