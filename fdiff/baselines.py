@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_finite, check_images
 from .seeding import make_generator
 
 __all__ = ["kmeans", "colour_kmeans", "grabcut", "feature_kmeans"]
@@ -32,8 +33,9 @@ def kmeans(
     """
     if x.ndim != 2:
         raise ValueError(f"x must be (N, D), got {tuple(x.shape)}")
-    if not isinstance(k, int) or not 1 <= k <= len(x):
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(x):
         raise ValueError(f"k must be an int in [1, N={len(x)}], got {k!r}")
+    check_finite(x, "x")
     device = x.device
     # On the CPU, where the default generator lives: a GPU tensor would refuse it.
     x = x.detach().float().cpu()
@@ -64,6 +66,7 @@ def colour_kmeans(images: Tensor, k: int = 2) -> Tensor:
     """Segment each image (B, C, H, W) by k-means on its pixels' colours; labels (B, H, W)."""
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    check_images(images, "images")
     b, c, h, w = images.shape
     out = [kmeans(img.reshape(c, -1).T, k).view(h, w) for img in images]
     return torch.stack(out)
@@ -79,6 +82,7 @@ def grabcut(images: Tensor, margin: int = 2, iters: int = 5) -> Tensor:
 
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    check_images(images, "images")
     b, _, h, w = images.shape
     if not 0 < margin < min(h, w) // 2:
         raise ValueError(f"margin must be in [1, {min(h, w) // 2 - 1}], got {margin}")
@@ -102,6 +106,7 @@ def feature_kmeans(features: Tensor, k: int = 2, size: int | None = None) -> Ten
     """
     if features.ndim != 4:
         raise ValueError(f"features must be (B, D, h, w), got {tuple(features.shape)}")
+    check_finite(features, "features")
     b, d, h, w = features.shape
     f = F.normalize(features.float(), dim=1)
     labels = torch.stack([kmeans(x.reshape(d, -1).T, k).view(h, w) for x in f])

@@ -4,7 +4,11 @@ A checkpoint file holds only tensors and a JSON string (the model's config, and 
 run the run itself and its training record): loading it never unpickles code. Committed
 checkpoints are listed in ``data/checkpoints/manifest.json`` with their sha256, the run that
 made them (its canonical JSON, :mod:`fdiff.runs`), the command and how long it ran;
-:func:`load_pretrained` refuses a file whose hash does not match.
+:func:`load_pretrained` refuses a file whose hash does not match, and an entry without one.
+Every file fdiff writes also carries the sha256 of its own tensors in its metadata, so that
+self-trained checkpoints and resume files, which no manifest lists, are checked on loading too.
+Writers never collide: each writes its own temporary file, and a manifest's read-modify-write
+holds the manifest's lock.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from filelock import FileLock
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
@@ -38,6 +45,7 @@ __all__ = [
     "checkpoint_dir",
     "sha256_of",
     "atomic_path",
+    "ensure_writable",
     "CheckpointError",
 ]
 
@@ -97,10 +105,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and check that a file can be written there; raise a
+    PermissionError that names it otherwise (before a training, not after it)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fdiff-write-check-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write into {folder} ({err.strerror or err}): choose another folder "
+            f"(FDIFF_CACHE for trained runs, --out-dir for published ones)"
+        ) from err
+    return folder
+
+
+def content_sha256(tensors: dict[str, Tensor]) -> str:
+    """Return the sha256 of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
-    """Write tensors and JSON-serialisable metadata to ``path`` atomically (:func:`atomic_path`)."""
+    """Write tensors and JSON-serialisable metadata to ``path`` atomically (:func:`atomic_path`),
+    with the sha256 of the tensors in the metadata (``content_sha256``)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**metadata, "content_sha256": content_sha256(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
     return path
@@ -126,6 +162,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         metadata = json.loads(raw)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} has unreadable metadata ({err})") from err
+    recorded = metadata.get("content_sha256")
+    if recorded is not None and recorded != content_sha256(tensors):
+        raise CheckpointError(
+            f"{path} does not hold the tensors it was written with (their sha256 differs from "
+            f"the one recorded in the file): it was damaged; delete it and train again"
+        )
     return tensors, metadata
 
 
@@ -172,6 +214,8 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> tuple[nn
     except ConfigError as err:
         raise CheckpointError(f"{path} holds no model config fdiff can build: {err}") from err
     model = build_model(config)
+    if isinstance(meta.get("schedule"), dict) and "num_timesteps" in meta["schedule"]:
+        model.num_timesteps = int(meta["schedule"]["num_timesteps"])  # its t must stay below
     extra = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(_EXTRA)}
     meta["tensors"] = extra
@@ -187,23 +231,53 @@ def _manifest_path(directory: Path | None = None) -> Path:
     return (directory or checkpoint_dir()) / "manifest.json"
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def read_manifest(directory: str | Path | None = None) -> dict:
-    """Return the manifest: ``{name: {file, sha256, run, command, duration_s, ...}}``."""
+    """Return the manifest: ``{name: {file, sha256, run, command, duration_s, ...}}``.
+
+    A manifest that is not a JSON object of entries, or an entry without a file name or a
+    sha256, is refused with an error that names the manifest and the entry.
+    """
     path = _manifest_path(Path(directory) if directory else None)
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); restore it from the repository") from err
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of entries, got {type(manifest)}")
+    for name, entry in manifest.items():
+        problem = None
+        if not isinstance(entry, dict):
+            problem = "is not a JSON object"
+        elif not isinstance(entry.get("file"), str) or not entry["file"]:
+            problem = "has no file name (key 'file')"
+        elif not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            problem = f"has no valid sha256 (key 'sha256': {entry.get('sha256')!r})"
+        if problem:
+            raise CheckpointError(f"{path}: the entry {name!r} {problem}")
+    return manifest
 
 
 def register_checkpoint(name: str, path: str | Path, command: str, **info) -> dict:
-    """Add or replace the manifest entry of a checkpoint file in the same folder."""
+    """Add or replace the manifest entry of a checkpoint file in the same folder.
+
+    The read-modify-write holds the manifest's lock, so that concurrent registrations all
+    land; readers see the old manifest or the new one, never a partial one.
+    """
     path = Path(path)
-    manifest = read_manifest(path.parent)
     entry = {"file": path.name, "sha256": sha256_of(path), "command": command, **info}
-    manifest[name] = entry
-    text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-    with atomic_path(_manifest_path(path.parent)) as tmp:
-        tmp.write_text(text)
+    manifest_path = _manifest_path(path.parent)
+    with FileLock(f"{manifest_path}.lock", timeout=120):
+        manifest = read_manifest(path.parent)
+        manifest[name] = entry
+        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
+        with atomic_path(manifest_path) as tmp:
+            tmp.write_text(text)
     return entry
 
 

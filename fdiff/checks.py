@@ -1,11 +1,20 @@
-"""Argument checks shared by the package: bad input gets an error that names what was expected."""
+"""Argument checks shared by the package: bad input gets an error that names what was expected.
+
+fdiff's input contract for images, enforced where images enter (the forward process, training,
+segmentation, features, inversion, baselines, feature networks): float tensors with every value
+finite and in [-1, 1]; integer images are refused, with the conversion to use.
+"""
 
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any
 
-__all__ = ["check_int", "check_index"]
+import torch
+from torch import Tensor
+
+__all__ = ["check_int", "check_index", "check_finite", "check_images"]
 
 
 def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -22,7 +31,7 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
+        raise ValueError(f"{name} must be an int {bounds}, got {value}")
     return value
 
 
@@ -35,3 +44,52 @@ def check_index(index: Any, length: int) -> int:
     if not 0 <= i < length:
         raise IndexError(f"index {i} out of range for a dataset of {length} items [0, {length})")
     return i
+
+
+# Images in [-1, 1]; a little slack for arithmetic on the way (a resize, a float64 round trip).
+_RANGE_SLACK = 1e-3
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Return ``x`` unchanged, or raise a ValueError that counts its NaN and infinite values."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.is_floating_point() and x.numel():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{name} has {bad} NaN or infinite values of {x.numel()}")
+    return x
+
+
+def check_images(images: Tensor, name: str = "images", ndim: int = 4) -> Tensor:
+    """Return ``images`` if they keep fdiff's input contract, else raise a clear error.
+
+    The contract: float tensors (``ndim`` dimensions, (B, C, H, W) by default) with every value
+    finite and in [-1, 1]. Integer images are refused rather than guessed at: convert 8-bit ones
+    with :func:`fdiff.data.from_uint8`. A batch of at least 8 images with no negative value is
+    almost surely in [0, 1] instead, and gets a warning.
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a float tensor in [-1, 1], got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{name} must be float images in [-1, 1], got dtype {images.dtype}: convert 8-bit "
+            f"images with fdiff.data.from_uint8 (x / 127.5 - 1)"
+        )
+    if images.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(images.shape)}")
+    check_finite(images, name)
+    if images.numel():
+        low, high = float(images.min()), float(images.max())
+        if low < -1 - _RANGE_SLACK or high > 1 + _RANGE_SLACK:
+            raise ValueError(
+                f"{name} must lie in [-1, 1], got values from {low:.4g} to {high:.4g}: images "
+                f"in [0, 255] need x / 127.5 - 1, images in [0, 1] need x * 2 - 1"
+            )
+        if images.shape[0] >= 8 and low >= 0:
+            warnings.warn(
+                f"{name} has no negative value in {images.shape[0]} images: are they in [0, 1]? "
+                f"fdiff expects [-1, 1] (x * 2 - 1)",
+                stacklevel=3,
+            )
+    return images

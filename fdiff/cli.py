@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import read_manifest, register_checkpoint, save_model
+from .checkpoints import ensure_writable, read_manifest, register_checkpoint, save_model
 from .configs import ConfigError, field_paths
 from .profiles import PROFILES, get_profile
 from .runs import RUNS, resolve_run, run_paths, train_run
+from .train import Terminated
 
 __all__ = ["main", "parser"]
 
@@ -100,8 +101,17 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out_dir / f"{args.name}.safetensors"
         if (path.exists() or args.name in read_manifest(args.out_dir)) and not args.overwrite:
             p.error(f"{path} is already published; pass --overwrite to replace it")
-    ema, extra, tensors = train_run(run, resume, root=args.data_root, download=args.download,
-                                    save_every=args.save_every)
+    try:  # before training, not after it: where the model and the resume file will go
+        ensure_writable(path.parent)
+        ensure_writable(resume.parent)
+    except PermissionError as err:
+        p.error(str(err))
+    try:
+        ema, extra, tensors = train_run(run, resume, root=args.data_root,
+                                        download=args.download, save_every=args.save_every)
+    except Terminated:
+        sys.exit(f"stopped by SIGTERM; {resume} holds the progress: run the same command again "
+                 f"to resume")
     save_model(path, ema, extra=extra, tensors=tensors)
     if args.out_dir is None:
         print(f"saved {path}; load_run({args.name!r}) finds it")

@@ -27,6 +27,7 @@ from .worlds import WORLDS, world
 
 __all__ = [
     "DATASET_NAMES",
+    "from_uint8",
     "stack_images",
     "InMemoryImages",
     "ForegroundClasses",
@@ -36,6 +37,16 @@ __all__ = [
 ]
 
 DATASET_NAMES = (*WORLDS, *REAL_DATASETS)
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """Return 8-bit images (uint8 in [0, 255]) as fdiff's float32 images in [-1, 1].
+
+    The conversion fdiff never guesses: integer images given anywhere else are refused.
+    """
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+        raise TypeError(f"from_uint8 takes a uint8 tensor, got {getattr(images, 'dtype', images)}")
+    return images.float() / 127.5 - 1.0
 
 
 def stack_images(dataset, indices: Sequence[int]) -> Tensor:

@@ -11,9 +11,13 @@ nothing is downloaded unless ``download=True``, and a missing dataset raises
 
 from __future__ import annotations
 
+import errno
+import http.client
 import os
 import shutil
+import socket
 import tarfile
+import urllib.error
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,8 +84,20 @@ class SegmentationDataset(Dataset):
         """Return the raw image (C, H, W) uint8 and its mask (H, W) bool, or None if absent."""
         raise NotImplementedError
 
+    def _files(self, index: int) -> list[Path]:
+        """The files item ``index`` is read from (named when one of them cannot be read)."""
+        return []
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        image, mask = self._load(check_index(index, len(self)))
+        index = check_index(index, len(self))
+        try:
+            image, mask = self._load(index)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated or not an image
+            files = ", ".join(map(str, self._files(index))) or "its files"
+            raise OSError(
+                f"could not read item {index} of {type(self).__name__} ({files}): {err}; the file "
+                f"is damaged or incomplete: fetch it again"
+            ) from err
         return self._prepare(image, mask)
 
     def _prepare(self, image: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
@@ -107,7 +123,9 @@ class SegmentationDataset(Dataset):
             out_mask = m[0].to(torch.int64).contiguous()
         return {"image": image, "mask": out_mask}
 
-# --------------------------------------------------------------------------------------------
+# Failures of a download that mean the network is not there (or did not answer).
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror,
+                   http.client.HTTPException)
 
 
 def _open_torchvision(
@@ -120,19 +138,37 @@ def _open_torchvision(
     size_hint: str,
     manual: str,
 ) -> Any:
-    """Build a torchvision dataset, turning missing files and failed downloads into one error."""
+    """Build a torchvision dataset; say what went wrong when it cannot be built: files that are
+    missing, a folder that cannot be written, a package that is missing, or a download that
+    failed for want of a network (or for another reason, named)."""
     try:
         return factory()
+    except ImportError as err:
+        raise ImportError(
+            f"reading {name} needs the Python package {err.name!r}: pip install {err.name}"
+        ) from err
     except (RuntimeError, OSError, EOFError, tarfile.TarError) as err:  # a truncated archive, too
+        if isinstance(err, PermissionError) or getattr(err, "errno", None) in (errno.EROFS,
+                                                                               errno.EACCES):
+            raise PermissionError(
+                f"cannot {'write into' if download else 'read'} {folder} for {name} ({err}): "
+                f"choose a folder you can write with root= or $FDIFF_DATA"
+            ) from err
+        if download and isinstance(err, _NETWORK_ERRORS):
+            raise DatasetNotFoundError(
+                f"Downloading {name} into {root} failed ({type(err).__name__}: {err}): there is "
+                f"no internet connection, or the server did not answer. To install it by hand, "
+                f"{manual} (expected folder: {folder})."
+            ) from err
         if download:
             raise DatasetNotFoundError(
-                f"Downloading {name} into {root} failed ({type(err).__name__}: {err}). "
-                f"There is probably no internet connection. To install it by hand, {manual} "
+                f"Downloading {name} into {root} failed ({type(err).__name__}: {err}); what was "
+                f"fetched may be incomplete. Run again, or install it by hand: {manual} "
                 f"(expected folder: {folder})."
             ) from err
         raise DatasetNotFoundError(
-            f"{name} was not found (or is incomplete) in {folder}. Pass download=True (needs "
-            f"internet, {size_hint}), or {manual}."
+            f"{name} was not found (or is incomplete) in {folder}. Pass download=True (the "
+            f"training command's --download; needs internet, {size_hint}), or {manual}."
         ) from err
 
 
@@ -196,6 +232,9 @@ class OxfordPets(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self._tv)
+
+    def _files(self, index: int) -> list[Path]:
+        return [self._tv._images[index], self._tv._segs[index]]
 
     def _load(self, index: int) -> tuple[Tensor, Tensor]:
         image, trimap = self._tv[index]
@@ -283,6 +322,10 @@ class Flowers102(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self._tv)
+
+    def _files(self, index: int) -> list[Path]:
+        image = Path(self._tv._image_files[index])
+        return [image, self._segmim_folder / image.name.replace("image_", "segmim_", 1)]
 
     def _load(self, index: int) -> tuple[Tensor, Tensor | None]:
         image, _ = self._tv[index]

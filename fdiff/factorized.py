@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_int
 from .profiles import model_device
 from .seeding import make_generator, randn
 from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, as_weight_dtype, check_input
@@ -144,6 +145,8 @@ class FactorizedDenoiser(nn.Module):
         eps, masks = model(xt, t, return_masks=True)   # masks (B, K, H, W), sum to 1 over K
     """
 
+    num_timesteps: int | None = None  # the chain it was trained on, when known (checkpoints)
+
     def __init__(self, config: FactorizedConfig | None = None):
         super().__init__()
         cfg = config or FactorizedConfig()
@@ -171,7 +174,7 @@ class FactorizedDenoiser(nn.Module):
 
         ``generator`` draws the Gumbel mask noise in training when ``mask_noise > 0``.
         """
-        check_input(self.config.unet, xt, t)
+        check_input(self.config.unet, xt, t, self.num_timesteps)
         xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)  # h_enc
@@ -350,7 +353,10 @@ def segment_dataset(
     from .data import stack_images
 
     t = check_t(t, schedule)
-    n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
+    n = len(dataset) if num_images is None else min(check_int(num_images, "num_images", 1),
+                                                    len(dataset))
+    if n == 0:
+        raise ValueError("segment_dataset got a dataset without images: nothing to segment")
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"segment t={t}"):
         idx = list(range(start, min(n, start + batch_size)))

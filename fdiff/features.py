@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .profiles import model_device
 from .seeding import make_generator, randn
 
@@ -151,6 +152,10 @@ def sample_pixels(
     pixels_per_image (all pixels when None). Pixels labelled -1 are dropped. Only one batch of
     feature maps exists at a time.
     """
+    if pixels_per_image is not None:
+        check_int(pixels_per_image, "pixels_per_image", 1)
+    if len(indices) == 0:
+        raise ValueError("sample_pixels needs at least one image index, got none")
     gen = make_generator(seed)
     xs, ys = [], []
     for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="features"):

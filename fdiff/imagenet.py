@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoints import atomic_path
+from .checks import check_images
 from .profiles import model_device
 
 __all__ = [
@@ -84,6 +85,7 @@ def _normalise(images: Tensor, size: int | None, model: nn.Module) -> Tensor:
     """Images in [-1, 1] -> ImageNet-normalised RGB at ``size``, on ``model``'s device."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (B, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    check_images(images, "images")
     device = model_device(model)
     x = (images.to(device).float().expand(-1, 3, -1, -1) + 1) / 2
     if size is not None and x.shape[-1] != size:

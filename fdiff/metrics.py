@@ -20,6 +20,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .checks import check_finite
+
 __all__ = [
     "confusion",
     "foreground_scores",
@@ -206,8 +208,10 @@ def mask_stats(masks: Tensor) -> dict[str, float]:
     area fraction of each region (argmax), and ``largest_area``: the biggest region's mean share
     of an image. A collapsed model has one region near 1 (or entropy near log K: no decision).
     """
-    if masks.ndim != 4:
-        raise ValueError(f"masks must have shape (B, K, H, W), got {tuple(masks.shape)}")
+    if masks.ndim != 4 or masks.shape[1] < 2:
+        raise ValueError(
+            f"masks must have shape (B, K, H, W) with K >= 2 regions, got {tuple(masks.shape)}"
+        )
     k = masks.shape[1]
     masks = _as_probabilities(masks)
     p = masks.clamp(min=1e-12)
@@ -277,6 +281,8 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
         )
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"need at least two samples per set, got {len(a)} and {len(b)}")
+    check_finite(a, "a")
+    check_finite(b, "b")
     x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
     # atleast_2d: for D = 1, np.cov returns a scalar

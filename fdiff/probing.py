@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_finite
 from .seeding import init_module, make_generator
 
 __all__ = ["PixelMLP", "ProbeConfig", "ProbeEnsemble", "vote", "predict_images"]
@@ -89,7 +90,16 @@ class ProbeEnsemble:
         self.std = torch.ones(in_dim)
 
     def fit(self, X: Tensor, y: Tensor, progress: Callable | None = None) -> ProbeEnsemble:
-        """Train every member; return self. Features are standardised with X's statistics."""
+        """Train every member; return self. Features are standardised with X's statistics.
+
+        X: any float dtype (trained in float32), every value finite; y: integer labels.
+        """
+        if not isinstance(X, Tensor) or not X.is_floating_point():
+            raise TypeError(f"X must be a float tensor of features, got {getattr(X, 'dtype', X)}")
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+            raise TypeError(f"y must be a tensor of integer labels, got {getattr(y, 'dtype', y)}")
+        check_finite(X, "X")
+        X, y = X.float(), y.long()
         if X.ndim != 2 or X.shape[1] != self.in_dim or y.shape != (X.shape[0],):
             raise ValueError(
                 f"expected X (N, {self.in_dim}) and y (N,), got {tuple(X.shape)}, {tuple(y.shape)}"
@@ -147,6 +157,7 @@ class ProbeEnsemble:
         """Return every member's logits (M, N, C) for features X (N, d)."""
         if not self.members:
             raise RuntimeError("the ensemble is not trained: call fit first")
+        check_finite(X, "X")
         out = []
         for s in range(0, len(X), chunk):
             xn = (X[s : s + chunk].float() - self.mean) / self.std

@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from .checks import check_images
 from .shapes import SYMMETRY, shape_sdf, unit_areas
 
 __all__ = [
@@ -39,8 +40,7 @@ def _check_images(images: Tensor) -> Tensor:
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point in [-1, 1], got {images.dtype}")
+    check_images(images, "images")
     return images.detach().float().cpu()
 
 

@@ -29,7 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import ModelConfig, build_model
+from .checkpoints import (
+    ModelConfig,
+    build_model,
+    ensure_writable,
+    load_model,
+    load_pretrained,
+    read_manifest,
+    save_model,
+)
 from .configs import canonical, change, to_json
 from .data import DATASET_NAMES, stack_images, training_data
 from .datasets import load_dataset
@@ -274,7 +282,6 @@ def load_run(
     where a real dataset is. On Colab, point ``FDIFF_CACHE`` at Google Drive to keep trained
     runs across disconnects.
     """
-    from .checkpoints import load_model, load_pretrained, read_manifest, save_model
     from .profiles import default_device
 
     run = resolve_run(name, profile, dataset)
@@ -287,6 +294,8 @@ def load_run(
         return model.to(device), meta
     path, resume = run_paths(name, run)
     if not path.exists():
+        ensure_writable(path.parent)
+        ensure_writable(resume.parent)
         ema, extra, tensors = train_run(run, resume, progress, root, download)
         save_model(path, ema, extra=extra, tensors=tensors)
     model, meta = load_model(path)

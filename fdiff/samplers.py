@@ -9,6 +9,7 @@ size. Without one, a generator seeded with 0 is used: the same call gives the sa
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_finite, check_images, check_int
 from .profiles import model_device
 from .schedules import NoiseSchedule
 from .seeding import make_generator, randn
@@ -120,8 +122,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
 
     This is the "leading" spacing (diffusers' default); the last step lands on t = 0.
     """
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    check_int(num_steps, "num_steps", 1, num_timesteps)
     stride = num_timesteps // num_steps
     return [k * stride for k in reversed(range(num_steps))]
 
@@ -158,8 +159,13 @@ def sample(
         raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
     if xT is not None and tuple(xT.shape) != tuple(shape):
         raise ValueError(f"xT must have the given shape {tuple(shape)}, got {tuple(xT.shape)}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
+        raise ValueError(
+            f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM's variance), "
+            f"got {eta!r}"
+        )
+    if xT is not None:
+        check_finite(xT, "xT")
     if method == "ddpm" and (num_steps is not None or eta != 0):
         raise ValueError(
             f"num_steps and eta are DDIM's settings; method='ddpm' runs all T steps with its own "
@@ -167,8 +173,7 @@ def sample(
         )
     T = schedule.num_timesteps
     if t_start is not None:
-        if not isinstance(t_start, int) or not 0 <= t_start < T:
-            raise ValueError(f"t_start must be an int in [0, {T}), got {t_start!r}")
+        t_start = check_int(t_start, "t_start", 0, T - 1)
         if xT is None:
             raise ValueError("t_start needs xT, the images at step t_start")
     if device is None:
@@ -258,12 +263,12 @@ def ddim_invert(
     ``xt`` approximately reconstructs x0. The model runs on its own device (or ``device``, which
     a closure needs); the yielded images are on x0's.
     """
-    if x0.ndim != 4:
+    if isinstance(x0, Tensor) and x0.ndim != 4:
         raise ValueError(f"x0 must have shape (B, C, H, W), got {tuple(x0.shape)}")
+    check_images(x0, "x0")
     T = schedule.num_timesteps
-    if t_end is not None and (isinstance(t_end, bool) or not isinstance(t_end, int)
-                              or not 0 <= t_end < T):
-        raise ValueError(f"t_end must be an int in [0, {T}), got {t_end!r}")
+    if t_end is not None:
+        t_end = check_int(t_end, "t_end", 0, T - 1)
     out = x0.device
     x0 = x0.to(model_device(model) if device is None else device)
     steps = list(reversed(ddim_timesteps(T, num_steps)))  # ascending

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_finite, check_images
+
 __all__ = ["NoiseSchedule", "ScheduleConfig", "linear_betas", "cosine_betas"]
 
 
@@ -126,8 +128,11 @@ class NoiseSchedule:
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Sample q(x_t | x_0): ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``.
 
-        x0, eps: (B, C, H, W), x0 in [-1, 1], eps ~ N(0, I). t: int64 (B,). Returns x_t, same shape.
+        x0, eps: (B, C, H, W), x0 float in [-1, 1] (fdiff's image contract, checked here, where
+        images enter every method), eps ~ N(0, I). t: int64 (B,). Returns x_t, same shape.
         """
+        check_images(x0, "x0", ndim=x0.ndim if isinstance(x0, Tensor) else 4)
+        check_finite(eps, "eps")
         if x0.shape != eps.shape:
             raise ValueError(f"x0 and eps must have the same shape, got {x0.shape} and {eps.shape}")
         ab = self.gather(self.alpha_bar, t, x0)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .checks import check_finite, check_int
+
 PADDING_MODES = ("zeros", "replicate", "reflect", "circular")
 
 __all__ = ["UNetConfig", "UNet", "Encoder", "Middle", "Decoder", "timestep_embedding"]
@@ -46,6 +48,11 @@ class UNetConfig:
     padding_mode: str = "zeros"
 
     def __post_init__(self):
+        for name, low in (("image_channels", 1), ("base_channels", 1), ("num_res_blocks", 1),
+                          ("num_heads", 1), ("cond_dim", 0), ("groups", 1)):
+            check_int(getattr(self, name), name, low)
+        if self.out_channels is not None:
+            check_int(self.out_channels, "out_channels", 1)
         if self.padding_mode not in PADDING_MODES:
             raise ValueError(
                 f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}"
@@ -345,10 +352,12 @@ class TimeEmbedding(nn.Module):
         return emb + self.cond_mlp(cond.to(emb.dtype))
 
 
-def check_input(cfg: UNetConfig, xt: Tensor, t: Tensor) -> None:
-    """Raise a clear error unless xt is (B, C, H, W) float with sides divisible as needed."""
+def check_input(cfg: UNetConfig, xt: Tensor, t: Tensor, num_timesteps: int | None = None) -> None:
+    """Raise a clear error unless xt is finite (B, C, H, W) float with sides divisible as needed
+    and t holds one timestep per image in [0, num_timesteps) (the bound when it is known)."""
     if not isinstance(xt, Tensor) or not xt.is_floating_point():
         raise TypeError(f"xt must be a floating-point tensor, got {getattr(xt, 'dtype', type(xt))}")
+    check_finite(xt, "xt")
     if xt.ndim != 4 or xt.shape[1] != cfg.image_channels:
         raise ValueError(
             f"xt must have shape (B, {cfg.image_channels}, H, W), got {tuple(xt.shape)}"
@@ -368,6 +377,11 @@ def check_input(cfg: UNetConfig, xt: Tensor, t: Tensor) -> None:
         raise ValueError(
             f"t must have shape ({xt.shape[0]},), one timestep per image, got {tuple(t.shape)}"
         )
+    if t.numel():
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or (num_timesteps is not None and high >= num_timesteps):
+            bound = "" if num_timesteps is None else f" and < T = {num_timesteps}"
+            raise ValueError(f"t must be >= 0{bound}; got values from {low} to {high}")
 
 
 def as_weight_dtype(module: nn.Module, xt: Tensor) -> Tensor:
@@ -387,6 +401,8 @@ class UNet(nn.Module):
         eps_hat, feats = model(xt, t, return_features=True)     # feats: decoder block outputs
     """
 
+    num_timesteps: int | None = None  # the chain it was trained on, when known (checkpoints)
+
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         cfg = config or UNetConfig()
@@ -405,7 +421,7 @@ class UNet(nn.Module):
         ``generator`` supplies a denoiser's random draws in training; the U-Net makes none and
         ignores it, which lets the training loss call every denoiser alike.
         """
-        check_input(self.config, xt, t)
+        check_input(self.config, xt, t, self.num_timesteps)
         xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)

@@ -55,7 +55,7 @@ def test_samplers(tiny):
         next(ddim_invert(model, schedule, torch.zeros(3, 8, 8)))
     with pytest.raises(ValueError, match=r"xT must have the given shape \(2, 3, 8, 8\)"):
         next(sample(model, schedule, (2, 3, 8, 8), xT=torch.zeros(1, 3, 8, 8)))
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         next(sample(model, schedule, (1, 3, 8, 8), eta=-0.5))
     with pytest.raises(ValueError, match="method must be 'ddpm' or 'ddim'"):
         next(sample(model, schedule, (1, 3, 8, 8), method="euler"))

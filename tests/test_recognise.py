@@ -41,7 +41,7 @@ def test_two_colour_split_of_one_colour_has_no_figure():
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         two_colour_split(torch.zeros(3, 8, 8))
-    with pytest.raises(TypeError, match="floating point"):
+    with pytest.raises(TypeError, match="must be float images in"):
         two_colour_split(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="bool tensor of shape"):
         fit_shapes(torch.zeros(1, 8, 8))

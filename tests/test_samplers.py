@@ -222,6 +222,8 @@ def test_ddim_inversion_stops_on_its_grid_and_checks_t_end(tiny_unet):
     x0 = torch.zeros(1, 3, 8, 8)
     steps = [st.t for st in ddim_invert(tiny_unet, s, x0, num_steps=10, t_end=45)]
     assert steps == [0, 10, 20, 30, 40]  # 45 is off the grid: the last step is 40
-    for bad in (-5, 100, 4.5):
-        with pytest.raises(ValueError, match=r"t_end must be an int in \[0, 100\)"):
+    for bad in (-5, 100):
+        with pytest.raises(ValueError, match=r"t_end must be an int in \[0, 99\]"):
             next(ddim_invert(tiny_unet, s, x0, num_steps=10, t_end=bad))
+    with pytest.raises(TypeError, match="t_end must be an int, got float 4.5"):
+        next(ddim_invert(tiny_unet, s, x0, num_steps=10, t_end=4.5))

@@ -194,7 +194,7 @@ def test_same_seed_same_training():
 def test_bad_train_config():
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(steps=1, batch_size=1, precision="fp16")
-    with pytest.raises(ValueError, match="steps and batch_size"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         TrainConfig(steps=0, batch_size=1)
     with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
         TrainConfig(steps=1, batch_size=1, min_snr_gamma=float("nan"))
