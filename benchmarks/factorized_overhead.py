@@ -8,7 +8,7 @@ what its architecture costs and nothing more.
 
     python benchmarks/factorized_overhead.py                 # cpu profile: 32 px, batch 64
     python benchmarks/factorized_overhead.py --profile ci --rounds 2
-    python benchmarks/factorized_overhead.py --regions 2 --mask-channels 32   # width's effect
+    python benchmarks/factorized_overhead.py --regions 2 --mask-width 0.5   # width's effect
     python benchmarks/factorized_overhead.py --memory-format contiguous   # the default layout
 
 Models and images are in channels-last layout by default, as in ``fdiff.train``: with the
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="layout of weights and images (default channels_last, as fdiff.train)",
     )
     parser.add_argument(
-        "--mask-channels",
-        type=int,
+        "--mask-width",
+        type=float,
         nargs="*",
         default=[],
-        help="also time K = 2 with the mask generator at these base widths (default: half the "
-        "U-Net's), to see how its width changes the time per FLOP",
+        help="also time K = 2 with the mask generator at these fractions of the U-Net's width "
+        "(without attention), to see how its width changes the time per FLOP",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     for k in args.regions:
         models[f"factorized K={k}"] = FactorizedDenoiser(FactorizedConfig(cfg, num_regions=k))
         batches[f"factorized K={k}"] = inputs
-    for width in args.mask_channels:
+    for width in args.mask_width:
         name = f"K=2, mask width {width}"
-        config = FactorizedConfig(cfg, num_regions=2, mask_channels=width)
+        config = FactorizedConfig(cfg, num_regions=2, mask_width=width, mask_attention=False)
         models[name], batches[name] = FactorizedDenoiser(config), inputs
     # Reference: the plain U-Net on K times the batch, i.e. how this machine's step time scales
     # with batch size alone. The factorized decoder runs on K * batch images.

@@ -14,8 +14,9 @@ The public API, by concept (one module each):
   their geometry
 - :mod:`fdiff.datasets`: real datasets (``load_dataset``, ``OxfordPets``, ``Flowers102``)
 - :mod:`fdiff.data`: data by name (``labelled_data``, ``training_data``, ``stack_images``)
-- :mod:`fdiff.factorized`: ``FactorizedDenoiser`` and its ablation variants, ``segment``,
-  ``segment_dataset``, ``masks_over_t``, ``generate_with_masks``, ``partition_snapshots``
+- :mod:`fdiff.factorized`: ``FactorizedDenoiser`` and its ablation variants, ``masks_over_t``,
+  ``partition_snapshots``; :mod:`fdiff.segmentation`: ``segment``, ``segment_dataset``,
+  ``generate_with_masks``, ``uniform_mask_gap``
 - :mod:`fdiff.metrics`: ``foreground_scores``, ``miou``, ``hungarian_miou``, ``fg_ari``,
   ``mask_stats``, ``decidedness``, ``near_edges``, ``frechet_distance``
 - :mod:`fdiff.recognise`: ``recognise_shapes``, ``fit_shapes``, ``two_colour_split``

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_int", "check_index", "check_finite", "check_images"]
+__all__ = ["check_int", "check_index", "check_t", "check_finite", "check_images"]
 
 
 def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -32,6 +32,17 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an int {bounds}, got {value}")
+    return value
+
+
+def check_t(t: Any, schedule) -> int:
+    """Return timestep ``t`` as an int in [0, T) of ``schedule``, or raise a ValueError."""
+    try:
+        value = None if isinstance(t, bool) else operator.index(t)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value < schedule.num_timesteps:
+        raise ValueError(f"t must be an int in [0, {schedule.num_timesteps}), got {t!r}")
     return value
 
 

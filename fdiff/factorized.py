@@ -17,16 +17,14 @@ region). :func:`factorized_denoiser` builds the class a :class:`FactorizedConfig
 ``mask_noise > 0`` is not in the paper: in training it adds Gumbel noise of that scale to the
 mask logits (Gumbel-softmax), drawn from the generator the training step passes.
 
-The module also reads what a trained model does: :func:`segment` (noise real images to t, one
-forward pass, the masks), :func:`segment_dataset`, :func:`masks_over_t`,
-:func:`generate_with_masks`, and the partition snapshots recorded during training
-(:func:`partition_probe`, :func:`partition_snapshots`).
+The partitions a model makes as it trains are recorded here too (:func:`masks_over_t`,
+:func:`partition_probe`, :func:`partition_snapshots`); segmenting images with a trained model is
+in :mod:`fdiff.segmentation`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int
+from .checks import check_t
 from .profiles import model_device
 from .seeding import make_generator, randn
 from .unet import Decoder, Encoder, Middle, TimeEmbedding, UNetConfig, as_weight_dtype, check_input
@@ -46,11 +44,8 @@ __all__ = [
     "MaskMidDenoiser",
     "UnsharedDenoiser",
     "factorized_denoiser",
-    "segment",
-    "segment_dataset",
     "masks_over_t",
     "snapshot_timesteps",
-    "generate_with_masks",
     "partition_probe",
     "partition_snapshots",
 ]
@@ -66,7 +61,10 @@ class FactorizedConfig:
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     num_regions: int = 2
-    mask_channels: int | None = None  # base width of the mask generator; None: half the U-Net's
+    # The mask generator is a decoder half: at the U-Net's widths times mask_width (rounded up to
+    # GroupNorm's groups), with self-attention where the U-Net has it if mask_attention.
+    mask_width: float = 1.0
+    mask_attention: bool = True
     mode: str = "multiply"  # how a region's decoder sees its mask (ablations: concat, mask_mid)
     shared_decoder: bool = True  # False: one decoder per region (an ablation)
     mask_noise: float = 0.0  # scale of Gumbel noise on the mask logits in training; 0: none
@@ -86,34 +84,30 @@ class FactorizedConfig:
             )
         if not isinstance(self.mask_noise, (int, float)) or not self.mask_noise >= 0:
             raise ValueError(f"mask_noise must be a number >= 0, got {self.mask_noise!r}")
+        if (isinstance(self.mask_width, bool) or not isinstance(self.mask_width, (int, float))
+                or not 0 < self.mask_width <= 4):
+            raise ValueError(f"mask_width must be a number in (0, 4], got {self.mask_width!r}")
         try:
             self.mask_config()
         except ValueError as err:
             raise ValueError(
-                f"mask_channels={self.mask_channels} gives the mask generator widths "
-                f"{[m * self.mask_base_channels() for m in self.unet.channel_mults]}, which "
-                f"GroupNorm cannot split into groups={self.unet.groups}: use a multiple of "
-                f"{self.unet.groups} ({err})"
+                f"mask_width={self.mask_width} gives the mask generator the base width "
+                f"{self.mask_base_channels()}, which its attention heads cannot split ({err})"
             ) from None
 
     def mask_base_channels(self) -> int:
-        """The mask generator's base width: ``mask_channels``, or half the U-Net's rounded up to
-        a multiple of its GroupNorm groups."""
-        if self.mask_channels:
-            return self.mask_channels
+        """The mask generator's base width: the U-Net's times ``mask_width``, rounded up to a
+        multiple of GroupNorm's groups."""
         groups = self.unet.groups
-        return -(-max(1, self.unet.base_channels // 2) // groups) * groups
+        wanted = max(1, round(self.unet.base_channels * self.mask_width))
+        return -(-wanted // groups) * groups
 
     def mask_config(self) -> UNetConfig:
-        """Return the mask generator's config: the U-Net's depth at the mask generator's width,
-        without self-attention (so its widths need not divide into attention heads)."""
-        return dataclasses.replace(
-            self.unet,
-            base_channels=self.mask_base_channels(),
-            attention_levels=(),
-            num_heads=1,
-            out_channels=self.num_regions,
-        )
+        """Return the mask generator's config: the U-Net's depth and attention levels at the mask
+        generator's width (no attention without ``mask_attention``), with K outputs."""
+        attention = {} if self.mask_attention else {"attention_levels": (), "num_heads": 1}
+        return dataclasses.replace(self.unet, base_channels=self.mask_base_channels(),
+                                   out_channels=self.num_regions, **attention)
 
 
 def _pool_mask(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -169,17 +163,25 @@ class FactorizedDenoiser(nn.Module):
         self.decoder = Decoder(ucfg, skips, mid, out)
 
     def forward(self, xt: Tensor, t: Tensor, cond: Tensor | None = None, return_masks: bool = False,
-                generator: torch.Generator | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None,
+                masks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Predict eps (B, C, H, W); with ``return_masks`` also the masks (B, K, H, W).
 
         ``generator`` draws the Gumbel mask noise in training when ``mask_noise > 0``.
+        ``masks`` (B, K, H, W), summing to 1 over K: use these instead of the mask generator's
+        (uniform 1/K masks measure what the learned partition is worth, :func:`uniform_mask_gap`).
         """
         check_input(self.config.unet, xt, t, self.num_timesteps)
         xt = as_weight_dtype(self, xt)
         emb = self.time_embed(t, cond)
         skips = self.encoder(xt, emb)  # h_enc
         h = self.middle(skips[-1], emb)  # h_mid
-        masks = self.masks(h, skips, emb, generator)  # m_1..m_K
+        if masks is None:
+            masks = self.masks(h, skips, emb, generator)  # m_1..m_K
+        elif masks.shape != (xt.shape[0], self.config.num_regions, *xt.shape[-2:]):
+            raise ValueError(f"masks must have shape {(xt.shape[0], self.config.num_regions)} "
+                             f"+ the image's (H, W), got {tuple(masks.shape)}")
+        masks = masks.float()
         eps_k = self.decode_regions(h, skips, emb, masks.to(h.dtype))  # (B, K, C, H, W)
         eps = (masks.unsqueeze(2) * eps_k.float()).sum(dim=1)  # sum_k m_k eps_k
         return (eps, masks) if return_masks else eps
@@ -270,43 +272,6 @@ def factorized_denoiser(config: FactorizedConfig | None = None) -> FactorizedDen
     return _VARIANTS[cfg.mode, cfg.shared_decoder](cfg)
 
 
-def check_t(t, schedule) -> int:
-    """Return ``t`` as an int in [0, T), or raise a ValueError that says what was expected."""
-    try:
-        value = None if isinstance(t, bool) else operator.index(t)
-    except TypeError:
-        value = None
-    if value is None or not 0 <= value < schedule.num_timesteps:
-        raise ValueError(f"t must be an int in [0, {schedule.num_timesteps}), got {t!r}")
-    return value
-
-
-@torch.no_grad()
-def segment(
-    model: FactorizedDenoiser,
-    schedule,
-    x0: Tensor,
-    t: int,
-    generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
-) -> Tensor:
-    """Segment real images: noise them to step ``t``, run one forward pass, return the masks.
-
-    x0: (B, C, H, W) in [-1, 1]; t: an int in [0, T). The noise is ``noise``, else drawn from
-    ``generator`` (default: seed 0). Returns soft masks (B, K, H, W); their argmax over K is
-    the segmentation. The paper uses t = 30 of a linear schedule of 1000 steps. The model runs
-    on its own device; the masks come back on x0's.
-    """
-    t = check_t(t, schedule)
-    if noise is None:  # drawn on the generator's device, then moved to x0's
-        noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-    device = model_device(model)
-    tt = torch.full((x0.shape[0],), t, dtype=torch.int64, device=device)
-    xt = schedule.add_noise(x0.to(device), noise.to(device), tt)
-    _, masks = model(xt, tt, return_masks=True)
-    return masks.to(x0.device)
-
-
 @torch.no_grad()
 def masks_over_t(
     model: FactorizedDenoiser, schedule, x0: Tensor, timesteps, noise: Tensor
@@ -330,68 +295,6 @@ def masks_over_t(
 def snapshot_timesteps(num_timesteps: int) -> tuple[int, ...]:
     """Return the timesteps at which training snapshots record masks (1% to 50% of T)."""
     return tuple(max(1, round(f * num_timesteps)) for f in (0.01, 0.03, 0.06, 0.12, 0.25, 0.5))
-
-
-@torch.no_grad()
-def segment_dataset(
-    model: FactorizedDenoiser,
-    schedule,
-    dataset,
-    t: int,
-    num_images: int | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: bool = True,
-) -> Tensor:
-    """Segment the first ``num_images`` images of ``dataset`` at step ``t``; return soft masks.
-
-    The noise of image i comes from ``make_generator(seed, i)``, so a sweep over t or over
-    models sees the same noise. Returns (N, K, H, W) float masks on the CPU.
-    """
-    from tqdm.auto import tqdm
-
-    from .data import stack_images
-
-    t = check_t(t, schedule)
-    n = len(dataset) if num_images is None else min(check_int(num_images, "num_images", 1),
-                                                    len(dataset))
-    if n == 0:
-        raise ValueError("segment_dataset got a dataset without images: nothing to segment")
-    out = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"segment t={t}"):
-        idx = list(range(start, min(n, start + batch_size)))
-        x0 = stack_images(dataset, idx)
-        noise = torch.cat([randn((1, *x0.shape[1:]), make_generator(seed, i)) for i in idx])
-        out.append(segment(model, schedule, x0, t, noise=noise).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def generate_with_masks(
-    model: FactorizedDenoiser, schedule, shape, t_mask: int, **sample_kwargs
-) -> tuple[Tensor, Tensor]:
-    """Generate images and the masks the model itself used near the end of sampling.
-
-    Runs :func:`fdiff.samplers.sample` (keyword arguments pass through) and, at the visited
-    timestep closest to ``t_mask``, reads the masks of that step's x_t. Returns the samples
-    (B, C, H, W) clamped to [-1, 1] and the masks (B, K, H, W), where :func:`sample` puts
-    its images (the CPU unless ``xT`` is elsewhere).
-    """
-    from .samplers import sample
-
-    check_t(t_mask, schedule)
-    closest = None
-    last = None
-    for st in sample(model, schedule, shape, **sample_kwargs):
-        if st.t >= 0 and (closest is None or abs(st.t - t_mask) < abs(closest.t - t_mask)):
-            closest = st
-        last = st
-    if closest is None:
-        raise ValueError("sampling visited no timestep to read masks at")
-    device = model_device(model)
-    tt = torch.full((shape[0],), closest.t, dtype=torch.int64, device=device)
-    _, masks = model(closest.xt.to(device), tt, return_masks=True)
-    return last.xt.clamp(-1, 1), masks.to(last.xt.device)
 
 
 def partition_probe(schedule, images: Tensor, seed: int = 0):

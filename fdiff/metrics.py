@@ -23,6 +23,8 @@ from torch import Tensor
 from .checks import check_finite
 
 __all__ = [
+    "edge_strength",
+    "pixel_correlation",
     "confusion",
     "foreground_scores",
     "merge_regions",
@@ -32,6 +34,7 @@ __all__ = [
     "mask_stats",
     "near_edges",
     "image_frame",
+    "border_foreground",
     "decidedness",
     "frechet_distance",
     "miou",
@@ -253,6 +256,56 @@ def image_frame(height: int, width: int | None = None, thickness: int = 1, devic
     frame = torch.ones(height, width, dtype=torch.bool, device=device)
     frame[thickness:-thickness, thickness:-thickness] = False
     return frame
+
+
+def border_foreground(pred: Tensor) -> Tensor:
+    """Read a K-region partition (B, H, W) as foreground and background without labels.
+
+    In each image the foreground is the region that holds the smallest share of the image's
+    frame (its outermost pixels), ties going to the smaller region: an object is framed by its
+    background, so the background touches the border more. Returns (B, H, W) int64 in {0, 1}.
+    """
+    if pred.ndim != 3 or pred.is_floating_point():
+        raise ValueError(f"pred must be an integer label map (B, H, W), got {tuple(pred.shape)}")
+    k = int(pred.max()) + 1 if pred.numel() else 1
+    frame = image_frame(*pred.shape[-2:], device=pred.device)
+    regions = torch.arange(k, device=pred.device)
+    on_frame = (pred[:, frame][:, :, None] == regions).float().mean(1)  # (B, K)
+    area = (pred.flatten(1)[:, :, None] == regions).float().mean(1)  # (B, K)
+    present = area > 0
+    # Rank by frame share, then area; regions absent from an image cannot be its foreground.
+    score = torch.where(present, on_frame * 2 + area, torch.full_like(area, float("inf")))
+    chosen = score.argmin(1)
+    return (pred == chosen[:, None, None]).long()
+
+
+def edge_strength(images: Tensor) -> Tensor:
+    """Return (B, H, W): how strongly each pixel of images (B, C, H, W) sits on an edge, the
+    largest absolute difference to its right or lower neighbour over channels (0 at the last
+    row and column's missing neighbours)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    x = images.float()
+    dx = torch.zeros_like(x)
+    dy = torch.zeros_like(x)
+    dx[..., :, :-1] = (x[..., :, 1:] - x[..., :, :-1]).abs()
+    dy[..., :-1, :] = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    return torch.maximum(dx, dy).amax(1)
+
+
+def pixel_correlation(a: Tensor, b: Tensor) -> float:
+    """Mean over images of the Pearson correlation between two maps (B, H, W) pixel by pixel;
+    images where either map is constant count as 0."""
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"a and b must be maps of one shape (B, H, W), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    a = a.flatten(1).double()
+    b = b.flatten(1).double()
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    norm = a.norm(dim=1) * b.norm(dim=1)
+    r = torch.where(norm > 0, (a * b).sum(1) / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    return float(r.mean())
 
 
 def decidedness(masks: Tensor) -> Tensor:

@@ -136,11 +136,15 @@ class RunEntry:
     per_profile: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+# The mask generator of the first factorized runs: half the U-Net's width, no attention.
+_NARROW = {"model.mask_width": 0.5, "model.mask_attention": False}
+
+
 def _ablation(about: str, **changes: Any) -> RunEntry:
     # A sixth of the profile's budget each, as in chapter 3's table.
     budget = {"ci": 3, "cpu": 500, "gpu": 8333}
     return RunEntry(f"chapter 3's ablation: {about}", "factorized",
-                    changes={f"model.{k}": v for k, v in changes.items()},
+                    changes={**_NARROW, **{f"model.{k}": v for k, v in changes.items()}},
                     per_profile={p: {"train.steps": s} for p, s in budget.items()})
 
 
@@ -150,6 +154,8 @@ RUNS: dict[str, RunEntry] = {
        for d in DATASET_NAMES},
     **{f"factorized_{d}": RunEntry(f"the factorized denoiser on {d}", "factorized", d)
        for d in DATASET_NAMES},
+    "factorized_shapes": RunEntry("the factorized denoiser on shapes (narrow mask generator)",
+                                  "factorized", "shapes", changes=_NARROW),
     "ddpm_simple-shapes": RunEntry(
         "the plain U-Net on one flat shape per image (chapter 1)", "unet", "simple-shapes",
         per_profile={"cpu": {**_BF16, "train.steps": 10_000}, "gpu": {"train.steps": 10_000}}),
@@ -166,11 +172,20 @@ RUNS: dict[str, RunEntry] = {
         per_profile={"cpu": {**_BF16, "train.steps": 23_000}}),
     "factorized_simple-shapes": RunEntry(
         "the factorized denoiser on one flat shape per image", "factorized", "simple-shapes",
+        changes=_NARROW,
         per_profile={"cpu": {**_BF16, "train.steps": 1000}, "gpu": {"train.steps": 5000}}),
     "factorized_simple-shapes-replicate": RunEntry(
         "the same with replicate padding", "factorized", "simple-shapes",
-        changes={"model.unet.padding_mode": "replicate"},
+        changes={**_NARROW, "model.unet.padding_mode": "replicate"},
         per_profile={"cpu": {**_BF16, "train.steps": 1000}, "gpu": {"train.steps": 5000}}),
+    # The emergence study (scripts/emergence.py): the main world "object" and worlds that each
+    # change one of its factors, trained for a short budget and measured along the way.
+    **{f"emergence_{w}": RunEntry(
+        f"the emergence study on {w}", "factorized", w,
+        changes={"model.unet.padding_mode": "replicate"},
+        per_profile={"ci": {"train.steps": 4}, "cpu": {**_BF16, "train.steps": 800},
+                     "gpu": {"train.steps": 5000}})
+       for w in ("object", "objects", "object-shared", "object-flat")},
     "ablation_k2": _ablation("the reference, K = 2"),
     "ablation_k3": _ablation("K = 3", num_regions=3),
     "ablation_k4": _ablation("K = 4", num_regions=4),
@@ -232,9 +247,10 @@ def run_paths(name: str, run: Run) -> tuple[Path, Path]:
 
 
 def train_run(run: Run, resume: Path, progress: bool = True, root=None, download=False,
-              save_every: int = 250):
+              save_every: int = 250, callback=None):
     """Train ``run`` (resuming from ``resume`` if it exists); return (EMA model, metadata,
-    tensors) ready for :func:`~fdiff.checkpoints.save_model`."""
+    tensors) ready for :func:`~fdiff.checkpoints.save_model`. ``callback(step, result)`` runs
+    after every step (:func:`fdiff.train.train`)."""
     from .profiles import default_device
     from .train import train
 
@@ -248,7 +264,8 @@ def train_run(run: Run, resume: Path, progress: bool = True, root=None, download
         snapshot, tensors = partition_probe(schedule, probe, seed=run.train.seed)
     result = train(model.to(device), schedule, data, run.train, checkpoint=resume,
                    progress=progress, snapshot=snapshot,
-                   snapshot_every=max(1, run.train.steps // 30), save_every=save_every)
+                   snapshot_every=max(1, run.train.steps // 30), save_every=save_every,
+                   callback=callback)
     if result.snapshots:
         tensors["snapshot_masks"] = torch.stack(result.snapshots)
         tensors["snapshot_steps"] = torch.tensor(result.snapshot_steps, dtype=torch.int64)

@@ -22,6 +22,7 @@ __all__ = [
     "animate_frames",
     "frame_slider",
     "loss_curve",
+    "study_curves",
     "show_segmentations",
     "partition_frame",
     "partition_explorer",
@@ -275,6 +276,31 @@ def loss_curve(losses: Sequence[float], window: int = 50, ax: plt.Axes | None = 
     ax.set_yscale("log")
     ax.legend()
     return ax
+
+
+def study_curves(
+    curves: dict[str, dict[str, Sequence[float]]],
+    panels: dict[str, str],
+    x: str = "steps",
+    size: float = 3.4,
+) -> plt.Figure:
+    """Plot several measures of several runs against training steps, one panel per measure.
+
+    ``curves[run][x]`` are the steps and ``curves[run][key]`` the values of measure ``key``;
+    ``panels`` maps each key to its axis label. Runs whose name holds "->" (a transfer) are
+    dashed.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size * 0.8),
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels.items()):
+        for name, curve in curves.items():
+            ax.plot(curve[x], curve[key], marker="o", ms=3, label=name,
+                    linestyle="--" if "->" in name else "-")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def show_segmentations(

@@ -2,13 +2,19 @@
 
 No files are needed: item i of a world is a pure function of (seed, split, i), so the book runs
 anywhere and any index renders in any order. Each world encodes a premise a method relies on,
-or breaks one (the README's design section says which):
+or breaks one:
 
+- ``"object"``: one shaded object against a natural-looking texture, figure and ground from
+  different appearance families, their colours shared in most scenes
+  (:class:`~fdiff.scenes.ObjectScenes`): the factorized denoiser's premise holds;
+- ``"object-flat"``, ``"object-shared"``, ``"objects"``: the same with one factor changed (no
+  texture, shared statistics, up to four objects);
 - ``"shapes"``: one to four textured objects of five shape classes on a textured background,
-  objects and background drawing their colours and textures from one palette, with occlusion;
+  objects and background drawing their colours and textures from one palette, with occlusion
+  (:class:`ShapesDataset`): nothing tells figure from ground statistically;
 - ``"simple-shapes"``: one flat shape on a flat background, the simplest form of the above.
 
-:func:`world` returns a world by name; :class:`ShapesDataset` is the renderer behind both.
+:func:`world` returns a world by name.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .checks import check_index, check_int
+from .scenes import ObjectScenes
 from .shapes import ROTATES, SHAPE_NAMES, shape_sdf
 
 __all__ = ["ShapesDataset", "WORLDS", "world"]
@@ -307,18 +314,23 @@ class ShapesDataset(Dataset):
 
 
 
-# The built-in worlds, with the ShapesDataset arguments that make each.
-WORLDS: dict[str, dict[str, Any]] = {
-    "shapes": {"max_objects": 4, "textured": True},
-    "simple-shapes": {"max_objects": 1, "textured": False},  # one flat shape, flat background
+# The built-in worlds: the renderer of each and its arguments.
+WORLDS: dict[str, tuple[type, dict[str, Any]]] = {
+    "shapes": (ShapesDataset, {"max_objects": 4, "textured": True}),
+    "simple-shapes": (ShapesDataset, {"max_objects": 1, "textured": False}),
+    "object": (ObjectScenes, {}),
+    "object-flat": (ObjectScenes, {"flat": True}),
+    "object-shared": (ObjectScenes, {"objects": "texture"}),
+    "objects": (ObjectScenes, {"max_objects": 4}),
 }
 
 
 def world(
     name: str, num_images: int, image_size: int = 32, seed: int = 0, split: str = "train"
-) -> ShapesDataset:
+) -> ShapesDataset | ObjectScenes:
     """Return built-in world ``name`` (a key of :data:`WORLDS`): ``num_images`` scenes of
     ``split`` ("train" or "test", disjoint streams) at ``image_size`` pixels."""
     if name not in WORLDS:
         raise ValueError(f"unknown built-in world {name!r}: expected one of {sorted(WORLDS)}")
-    return ShapesDataset(num_images, image_size, seed=seed, split=split, **WORLDS[name])
+    cls, kwargs = WORLDS[name]
+    return cls(num_images, image_size, seed=seed, split=split, **kwargs)

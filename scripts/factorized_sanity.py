@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 
 from fdiff.baselines import colour_kmeans
-from fdiff.factorized import segment_dataset
 from fdiff.metrics import decidedness, foreground_scores, image_frame, mask_stats, near_edges
 from fdiff.profiles import get_profile
 from fdiff.runs import load_run
 from fdiff.schedules import NoiseSchedule
+from fdiff.segmentation import segment_dataset
 from fdiff.worlds import world
 
 

@@ -12,14 +12,13 @@ import torch
 from fdiff.factorized import (
     FactorizedConfig,
     FactorizedDenoiser,
-    generate_with_masks,
     masks_over_t,
-    segment,
 )
 from fdiff.features import DiffusionFeatures
 from fdiff.samplers import ddim_invert, generate, regenerate
 from fdiff.schedules import NoiseSchedule
 from fdiff.seeding import per_sample_generators
+from fdiff.segmentation import generate_with_masks, segment
 from fdiff.train import denoising_loss
 from fdiff.unet import UNet, UNetConfig
 

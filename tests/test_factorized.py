@@ -10,13 +10,12 @@ from fdiff.factorized import (
     FactorizedDenoiser,
     UnsharedDenoiser,
     factorized_denoiser,
-    generate_with_masks,
     masks_over_t,
-    segment,
-    segment_dataset,
     snapshot_timesteps,
 )
 from fdiff.schedules import NoiseSchedule
+from fdiff.seeding import make_generator
+from fdiff.segmentation import generate_with_masks, segment, segment_dataset
 from fdiff.train import denoising_loss
 from fdiff.unet import UNetConfig, count_parameters
 
@@ -176,6 +175,9 @@ def test_segment_noises_then_reads_masks():
     torch.testing.assert_close(a, expected)
     other = segment(model, schedule, x0, t=3, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(a, other)
+    # Without a generator or noise: the noise of seed 0, the same on every call.
+    torch.testing.assert_close(segment(model, schedule, x0, t=3),
+                               segment(model, schedule, x0, t=3, generator=make_generator(0)))
 
 
 def test_masks_over_t_is_segment_at_each_t():
@@ -236,7 +238,7 @@ def test_generate_with_masks_reads_the_masks_of_the_step_nearest_t_mask():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = _model(3, mode="mask_mid", mask_channels=8)
+    model = _model(3, mode="mask_mid", mask_width=0.5, mask_attention=False)
     extra = {"snapshot_masks": torch.arange(6, dtype=torch.uint8).view(1, 2, 3)}
     path = save_model(tmp_path / "f.safetensors", model, tensors=extra)
     loaded, meta = load_model(path)
@@ -255,8 +257,8 @@ def test_bad_inputs_raise_clear_errors():
         FactorizedConfig(UCFG, mode="add")
     with pytest.raises(ValueError, match="mask_noise"):
         FactorizedConfig(UCFG, mask_noise=-1.0)
-    with pytest.raises(ValueError, match="divisible by groups"):
-        FactorizedConfig(UCFG, mask_channels=12)
+    with pytest.raises(ValueError, match="mask_width must be a number in"):
+        FactorizedConfig(UCFG, mask_width=0)
     model = _model(2)
     with pytest.raises(ValueError, match="not divisible"):
         model(torch.randn(1, 3, 7, 7), torch.tensor([1]))
@@ -266,16 +268,27 @@ def test_bad_inputs_raise_clear_errors():
         dataclasses.replace(model.config, num_regions=1)
 
 
-def test_mask_generator_widths_follow_the_u_net_and_bad_ones_are_named():
-    # Half of 24 is 12, which GroupNorm(8) cannot split: the mask generator gets 16.
-    cfg = FactorizedConfig(UNetConfig(base_channels=24, channel_mults=(1, 2), num_heads=2))
-    assert cfg.mask_config().base_channels == 16
-    assert FactorizedConfig(UCFG).mask_config().base_channels == max(8, UCFG.base_channels // 2)
-    with pytest.raises(ValueError, match="mask_channels=12 .* multiple of 8"):
-        FactorizedConfig(UCFG, mask_channels=12)
-    # The mask generator has no attention: its widths need not divide into heads.
+def test_the_mask_generator_is_a_decoder_half_at_a_chosen_width():
+    # By default it is the second half of a standard U-Net: the U-Net's widths and attention.
+    full = FactorizedConfig(UCFG)
+    assert full.mask_config() == dataclasses.replace(UCFG, out_channels=2)
+    model = factorized_denoiser(full)
+    assert sum(p.numel() for p in model.mask_generator.parameters()) > sum(
+        p.numel() for p in model.decoder.parameters()) * 0.9
+    assert any(type(m).__name__ == "Attention" for m in model.mask_generator.modules())
+    # A narrower one, without attention (the earlier design): half of 24 is 12, which
+    # GroupNorm(8) cannot split, so it gets 16.
+    cfg = FactorizedConfig(UNetConfig(base_channels=24, channel_mults=(1, 2), num_heads=2),
+                           mask_width=0.5, mask_attention=False)
+    assert cfg.mask_config().base_channels == 16 and cfg.mask_config().attn_levels == ()
+    narrow = factorized_denoiser(cfg)
+    assert not any(type(m).__name__ == "Attention" for m in narrow.mask_generator.modules())
+    # Attention at a width the heads cannot split is named.
     heads = UNetConfig(base_channels=32, channel_mults=(1, 2), num_heads=32)
-    assert FactorizedConfig(heads, mask_channels=8).mask_config().num_heads == 1
+    with pytest.raises(ValueError, match="mask_width=0.25 gives the mask generator the base"):
+        FactorizedConfig(heads, mask_width=0.25)
+    narrow_heads = FactorizedConfig(heads, mask_width=0.25, mask_attention=False)
+    assert narrow_heads.mask_config().num_heads == 1
 
 
 def test_float64_images_segment_as_float32_ones():
@@ -287,3 +300,28 @@ def test_float64_images_segment_as_float32_ones():
         single = segment(model, s, x0, 10, noise=noise)
         double = segment(model, s, x0.double(), 10, noise=noise.double())
     torch.testing.assert_close(double, single, atol=1e-5, rtol=0)
+
+
+def test_uniform_mask_gap_compares_the_model_with_its_masks_made_uniform():
+    from fdiff.segmentation import uniform_mask_gap
+
+    model = _model(2, seed=3).eval()
+    schedule = NoiseSchedule("cosine", 100)
+    x0 = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    out = uniform_mask_gap(model, schedule, x0, 20, noise=noise, batch_size=2)
+    tt = torch.full((5,), 20)
+    xt = schedule.add_noise(x0, noise, tt)
+    with torch.no_grad():
+        own = (model(xt, tt) - noise).pow(2).mean().item()
+        # uniform masks: every region's decoder sees the skips / K, as one plain decoder run
+        emb = model.time_embed(tt)
+        skips = model.encoder(xt, emb)
+        h = model.middle(skips[-1], emb)
+        single = model.decoder(h, [s / 2 for s in skips], emb)
+        flat = (single - noise).pow(2).mean().item()
+    assert out["loss"] == pytest.approx(own, rel=1e-5)
+    assert out["uniform_loss"] == pytest.approx(flat, rel=1e-4)
+    assert out["gap"] == pytest.approx(flat / own - 1, rel=1e-3, abs=1e-6)
+    with pytest.raises(ValueError, match="masks must have shape"):
+        model(xt, tt, masks=torch.full((5, 3, 8, 8), 1 / 3))

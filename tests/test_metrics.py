@@ -222,3 +222,47 @@ def test_mask_measures_read_uint8_masks_as_probabilities():
             measure(logits)
         with pytest.raises(TypeError, match="uint8"):
             measure(stored.long())
+
+
+def test_border_foreground_takes_the_region_that_holds_less_of_the_frame():
+    from fdiff.metrics import border_foreground, image_frame
+
+    pred = torch.zeros(3, 6, 6, dtype=torch.int64)
+    pred[0, 2:4, 2:4] = 1  # region 1 is inside: it is the foreground
+    pred[1] = 1
+    pred[1, 1:5, 1:5] = 0  # region 0 is inside now, region 1 the frame
+    pred[2, :, :3] = 1  # both touch the frame equally: the smaller region wins
+    pred[2, :, 5] = 0
+    pred[2, 0, 3:5] = 0
+    out = border_foreground(pred)
+    assert torch.equal(out[0], (pred[0] == 1).long())
+    assert torch.equal(out[1], (pred[1] == 0).long())
+    on_frame = [(pred[2][image_frame(6)] == j).float().mean() for j in (0, 1)]
+    area = [(pred[2] == j).float().mean() for j in (0, 1)]
+    smaller = int(torch.tensor(area).argmin())
+    assert on_frame[0] == on_frame[1] and torch.equal(out[2], (pred[2] == smaller).long())
+    with pytest.raises(ValueError, match="integer label map"):
+        border_foreground(pred.float())
+
+
+def test_edge_strength_marks_the_pixels_before_a_step():
+    from fdiff.metrics import edge_strength
+
+    img = torch.zeros(1, 3, 4, 4)
+    img[:, 1, :, 2:] = 1.0  # a vertical step between columns 1 and 2, in one channel only
+    e = edge_strength(img)
+    assert e.shape == (1, 4, 4)
+    assert e[0, :, 1].tolist() == [1.0] * 4
+    assert e[0, :, [0, 2, 3]].abs().sum() == 0
+
+
+def test_pixel_correlation_is_pearson_per_image_averaged():
+    from fdiff.metrics import pixel_correlation
+
+    a = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    b = torch.tensor([[[0.0, 2.0], [4.0, 6.0]], [[0.0, 1.0], [2.0, 3.0]]])
+    # image 0: b = 2a, r = 1; image 1: a is constant, counted as 0
+    assert pixel_correlation(a, b) == pytest.approx(0.5)
+    assert pixel_correlation(a[:1], -b[:1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        pixel_correlation(a, b[:, :1])

@@ -35,13 +35,14 @@ from fdiff.checkpoints import (
     save_model,
 )
 from fdiff.data import from_uint8
-from fdiff.factorized import FactorizedConfig, FactorizedDenoiser, segment, segment_dataset
+from fdiff.factorized import FactorizedConfig, FactorizedDenoiser
 from fdiff.features import DiffusionFeatures, sample_pixels
 from fdiff.metrics import frechet_distance, mask_stats
 from fdiff.probing import ProbeConfig, ProbeEnsemble
 from fdiff.recognise import two_colour_split
 from fdiff.samplers import ddim_invert, generate, sample
 from fdiff.schedules import NoiseSchedule
+from fdiff.segmentation import segment, segment_dataset
 from fdiff.train import TrainConfig, train
 from fdiff.unet import UNet, UNetConfig
 

@@ -58,7 +58,7 @@ def test_changes_by_dotted_path_read_text_as_json_and_check_the_type():
     assert change(run, "model.unet.num_res_blocks", "2").model.unet.num_res_blocks == 2
     assert change(run, "steps", 7).train.steps == 7  # the one field ending in "steps"
     assert change(run, "channel_mults", "[1, 2, 2]").model.unet.channel_mults == (1, 2, 2)
-    assert change(run, "mask_channels", "null").model.mask_channels is None
+    assert change(run, "mask_width", "0.5").model.mask_width == 0.5
     assert change(run, "padding_mode", "replicate").model.unet.padding_mode == "replicate"
     assert change(run, "min_snr_gamma", "5").train.min_snr_gamma == 5.0
     with pytest.raises(ConfigError, match="ambiguous"):

@@ -2,6 +2,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -14,6 +15,7 @@ from fdiff.viz import (  # noqa: E402
     partition_frame,
     show_images,
     show_segmentations,
+    study_curves,
     to_numpy_image,
 )
 
@@ -122,3 +124,14 @@ def test_frames_are_drawn_at_size_inches_per_row_with_the_grid_aspect():
     width, height = fig.get_size_inches()
     assert height == pytest.approx(1.5 * 4 + 0.3)
     assert width == pytest.approx(1.5 * 4 * grid.shape[1] / grid.shape[0])
+
+
+def test_study_curves_draws_one_line_per_run_and_dashes_transfers():
+    curves = {"a": {"steps": [1, 2, 4], "iou": [0.1, 0.2, 0.3], "gap": [0.0, 0.1, 0.2]},
+              "a -> b": {"steps": [0, 4], "iou": [0.5, 0.6], "gap": [0.3, 0.2]}}
+    fig = study_curves(curves, {"iou": "IoU", "gap": "gap"})
+    left, right = fig.axes
+    assert [line.get_linestyle() for line in left.lines] == ["-", "--"]
+    assert list(right.lines[1].get_ydata()) == [0.3, 0.2]
+    assert left.get_ylabel() == "IoU" and right.get_ylabel() == "gap"
+    plt.close(fig)

@@ -108,7 +108,7 @@ def test_shapes_max_objects_one():
 def test_simple_shapes_are_the_same_scenes_without_their_patterns():
     simple = world("simple-shapes", 40, 32, split="test")
     assert (simple.max_objects, simple.textured) == (1, False)
-    assert set(WORLDS) == {"shapes", "simple-shapes"}
+    assert {"shapes", "simple-shapes"} <= set(WORLDS)
     textured = ShapesDataset(40, 32, split="test", max_objects=1)
     a, b = simple.batch(range(40)), textured.batch(range(40))
     for key in ("mask", "semantic", "instance"):
@@ -209,3 +209,82 @@ def test_shapes_in_dataloader():
     loader = torch.utils.data.DataLoader(ShapesDataset(6, image_size=16), batch_size=4)
     first = next(iter(loader))
     assert first["image"].shape == (4, 3, 16, 16) and first["mask"].shape == (4, 16, 16)
+
+
+# -- Object scenes: the factorized denoiser's world ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def object_scenes():
+    return {name: world(name, 200, 32, split="test").batch(range(200))
+            for name in ("object", "object-flat", "object-shared", "objects")}
+
+
+def test_object_scenes_keep_the_item_contract_and_are_deterministic(object_scenes):
+    for name, batch in object_scenes.items():
+        assert batch["image"].shape == (200, 3, 32, 32) and batch["image"].dtype == torch.float32
+        assert -1 <= batch["image"].min() and batch["image"].max() <= 1, name
+        assert torch.equal(batch["mask"], (batch["instance"] > 0).long())
+        assert torch.equal(batch["mask"], (batch["semantic"] > 0).long())
+        assert set(batch["semantic"].unique().tolist()) == set(range(6)), name
+    again = world("object", 200, 32, split="test")
+    assert torch.equal(again[17]["image"], object_scenes["object"]["image"][17])
+    train = world("object", 50, 32, split="train").batch(range(50))["image"].flatten(1)
+    test = object_scenes["object"]["image"][:50].flatten(1)
+    assert torch.cdist(train, test).min() > 1.0  # disjoint splits
+
+
+def test_one_object_per_scene_large_and_often_crossing_the_frame(object_scenes):
+    batch = object_scenes["object"]
+    assert batch["instance"].amax((1, 2)).eq(1).all()  # exactly one object in every scene
+    area = batch["mask"].float().mean((1, 2))
+    assert 0.2 < area.mean() < 0.35 and area.min() > 0.05
+    frame = torch.zeros(32, 32, dtype=torch.bool)
+    frame[0] = frame[-1] = frame[:, 0] = frame[:, -1] = True
+    crosses = batch["mask"][:, frame].any(1).float().mean()
+    assert 0.3 < crosses < 0.7
+    # ...but it holds less of the frame than the ground does, in nearly every scene.
+    assert (batch["mask"][:, frame].float().mean(1) < 0.5).float().mean() > 0.95
+    several = object_scenes["objects"]["instance"].amax((1, 2))
+    assert several.min() >= 1 and several.max() == 4 and (several > 1).float().mean() > 0.5
+
+
+def test_the_variants_change_one_factor_and_keep_the_scene(object_scenes):
+    main, flat, shared = (object_scenes[k] for k in ("object", "object-flat", "object-shared"))
+    for key in ("mask", "semantic", "instance"):
+        assert torch.equal(main[key], flat[key]) and torch.equal(main[key], shared[key])
+    from fdiff.metrics import near_edges
+
+    away = ~near_edges(main["mask"])  # leave the antialiased outline out
+    inside = main["mask"].bool() & away
+
+    def spread(batch, where):  # mean per-image colour spread over a region
+        return torch.stack([batch["image"][i][:, where[i]].std(1).mean()
+                            for i in range(200) if where[i].sum() > 20]).mean()
+
+    # flat: one colour plus pixel noise in each region; the others carry texture or shading
+    outside = ~main["mask"].bool() & away
+    assert spread(flat, outside) < 0.05 and spread(flat, inside) < 0.05
+    assert spread(main, outside) > 0.15
+
+    def roughness(batch, where):  # mean change from a pixel to its right neighbour
+        both = where[:, :, 1:] & where[:, :, :-1]
+        step = (batch["image"][..., 1:] - batch["image"][..., :-1]).abs().mean(1)
+        return step[both].mean()
+
+    # Shading varies smoothly; the shared variant's objects are as rough as the ground.
+    assert roughness(shared, inside) > 1.25 * roughness(main, inside)
+    assert abs(roughness(shared, inside) - roughness(main, outside)) < 0.3 * roughness(main,
+                                                                                       outside)
+
+
+def test_colour_alone_does_not_find_the_object(object_scenes):
+    from fdiff.baselines import colour_kmeans
+    from fdiff.metrics import foreground_scores
+
+    batch = object_scenes["object"]
+    best = foreground_scores(colour_kmeans(batch["image"], 2), batch["mask"], per_image=True)
+    assert best["iou"] < 0.55  # the best of two colour clusters, per image
+    flat = object_scenes["object-flat"]
+    assert foreground_scores(colour_kmeans(flat["image"], 2), flat["mask"],
+                             per_image=True)["iou"] > 0.85

@@ -1,0 +1,202 @@
+"""When does the factorized denoiser's partition find the object? The emergence study.
+
+Trains the factorized run of each study world (``emergence_<world>`` in :data:`fdiff.runs.RUNS`:
+the main world "object" and worlds that change one of its factors) and, at several points of
+its budget, measures on that world's held-out scenes:
+
+- ``iou``: the foreground IoU of its partition, the foreground read without labels
+  (:func:`fdiff.metrics.border_foreground`: the region that holds less of the frame);
+- ``gap``: the uniform-mask gap, how much the denoising loss rises when the masks are replaced
+  by 1/K (:func:`fdiff.segmentation.uniform_mask_gap`): what the partition is worth to the model;
+- ``largest``: the largest region's mean share of the image (1 when the partition has collapsed
+  into one region).
+
+At the end of each training it also records what the soft masks follow: the Pearson correlation,
+pixel by pixel, of the smaller region's mask with the image's edges
+(:func:`fdiff.metrics.edge_strength`) and with the true foreground (``diagnostics``).
+
+Then the transfer: the simplest world's model (``object-flat``) on the main world without
+training (step 0), and fine-tuned on it for the same budget. Results go to
+``data/emergence.json`` (small, committed), which chapter 3 plots. One command reproduces it:
+
+    python scripts/emergence.py                  # cpu profile; resumes where it stopped
+    python scripts/emergence.py --worlds object objects --no-transfer   # a part, e.g. in parallel
+
+Every training resumes from its resume file in ``$FDIFF_CACHE`` and every point is written
+(under a lock) as soon as it is measured, so an interruption loses nothing and two processes
+may share the work. The trained runs land where :func:`fdiff.runs.load_run` finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from fdiff.checkpoints import atomic_path, load_model, save_model
+from fdiff.data import stack_images
+from fdiff.metrics import (
+    border_foreground,
+    edge_strength,
+    foreground_scores,
+    mask_stats,
+    pixel_correlation,
+)
+from fdiff.profiles import default_device
+from fdiff.runs import cache_dir, resolve_run, run_paths, train_run
+from fdiff.seeding import make_generator, randn
+from fdiff.segmentation import segment_dataset, uniform_mask_gap
+from fdiff.train import train
+from fdiff.worlds import world
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLDS = ("object", "objects", "object-shared", "object-flat")  # the main world first
+SIMPLEST = "object-flat"  # the transfer starts from this world's model
+MAIN = "object"
+FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # the budget points, as fractions of the study's budget
+KEYS = ("iou", "gap", "largest")
+
+
+def measure(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
+    """The study's three numbers for ``model`` on the scenes ``data``, segmenting at step t."""
+    was_training = model.training
+    model.eval()
+    masks = segment_dataset(model, schedule, data, t, seed=seed, progress=False)
+    truth = data.batch(range(len(data)))["mask"]
+    iou = foreground_scores(border_foreground(masks.argmax(1)), truth)["iou"]
+    images = stack_images(data, range(len(data)))
+    noise = randn(images.shape, make_generator(seed, 1))
+    gap = uniform_mask_gap(model, schedule, images, t, noise=noise)["gap"]
+    model.train(was_training)
+    return {"iou": round(iou, 4), "gap": round(gap, 4),
+            "largest": round(mask_stats(masks)["largest_area"], 4)}
+
+
+def follows(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
+    """What the smaller region's soft mask follows: its correlation with the image's edges and
+    with the true foreground (mean over images)."""
+    model.eval()
+    masks = segment_dataset(model, schedule, data, t, seed=seed, progress=False)
+    batch = data.batch(range(len(data)))
+    smaller = masks.flatten(2).mean(2).argmin(1)  # per image, the region with less mass
+    m = masks[torch.arange(len(masks)), smaller]
+    return {"edge_corr": round(pixel_correlation(m, edge_strength(batch["image"])), 4),
+            "fg_corr": round(pixel_correlation(m, batch["mask"].float()), 4)}
+
+
+class Results:
+    """The study's results file, updated point by point under a lock (processes may share it)."""
+
+    def __init__(self, path: Path, header: dict) -> None:
+        self.path, self.header = path, header
+
+    def record(self, key: str, step: int, point: dict[str, float]) -> None:
+        with FileLock(f"{self.path}.lock", timeout=120):
+            data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            if data.get("profile") not in (None, self.header["profile"]):
+                raise ValueError(f"{self.path} holds the {data['profile']!r} profile's study; "
+                                 f"use --out for another profile")
+            data.update(self.header)
+            entry = data.setdefault("worlds", {}).setdefault(key, {"steps": []})
+            rows = {s: {k: entry[k][i] for k in KEYS} for i, s in enumerate(entry["steps"])}
+            rows[step] = point
+            steps = sorted(rows)
+            data["worlds"][key] = {"steps": steps, **{k: [rows[s][k] for s in steps] for k in KEYS}}
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"{key:22s} step {step:5d}: IoU {point['iou']:.3f}, uniform-mask gap "
+              f"{point['gap']:+.3f}, largest region {point['largest']:.2f}", flush=True)
+
+    def diagnose(self, key: str, values: dict[str, float]) -> None:
+        with FileLock(f"{self.path}.lock", timeout=120):
+            data = json.loads(self.path.read_text())
+            data.setdefault("diagnostics", {})[key] = values
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"{key:22s} the smaller region's mask correlates {values['edge_corr']:+.3f} with "
+              f"edges, {values['fg_corr']:+.3f} with the foreground", flush=True)
+
+    def diagnosed(self, key: str) -> bool:
+        return self.path.is_file() and key in json.loads(self.path.read_text()).get(
+            "diagnostics", {})
+
+    def has(self, key: str, step: int) -> bool:
+        if not self.path.is_file():
+            return False
+        return step in json.loads(self.path.read_text()).get("worlds", {}).get(key, {}).get(
+            "steps", [])
+
+
+def trained_model(name: str, run, results: Results, points, tests, t):
+    """Train (or resume, or load) the study run ``name``, recording the budget points."""
+    path, resume = run_paths(name, run)
+    schedule = run.schedule.build()
+    key = name.removeprefix("emergence_")
+
+    def at_point(step, result):
+        if step in points and not results.has(key, step):
+            results.record(key, step, measure(result.ema, schedule, tests[key], t))
+
+    if not path.exists():
+        ema, extra, tensors = train_run(run, resume, callback=at_point, save_every=points[0])
+        save_model(path, ema, extra=extra, tensors=tensors)
+    model = load_model(path)[0].to(default_device())
+    if not results.has(key, run.train.steps):
+        results.record(key, run.train.steps, measure(model, schedule, tests[key], t))
+    if not results.diagnosed(key):
+        results.diagnose(key, follows(model, schedule, tests[key], t))
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--worlds", nargs="*", default=list(WORLDS), choices=WORLDS)
+    parser.add_argument("--no-transfer", dest="transfer", action="store_false")
+    parser.add_argument("--test-images", type=int, default=256)
+    parser.add_argument("--t", type=int, default=63,
+                        help="the segmentation step (cosine schedule; the paper's t = 30 of a "
+                             "linear schedule has the same noise level)")
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "emergence.json")
+    args = parser.parse_args(argv)
+    runs = {w: resolve_run(f"emergence_{w}", args.profile) for w in WORLDS}
+    budget = runs[MAIN].train.steps
+    points = sorted({max(1, round(f * budget)) for f in FRACTIONS})
+    image_size = runs[MAIN].data.image_size
+    results = Results(args.out, {
+        "profile": args.profile, "t": args.t, "test_images": args.test_images,
+        "budget_points": points, "transfer_from": SIMPLEST, "main_world": MAIN,
+        "command": "python scripts/emergence.py" + (
+            f" --profile {args.profile}" if args.profile != "cpu" else "")})
+    tests = {w: world(w, args.test_images, image_size, split="test") for w in WORLDS}
+    needed = set(args.worlds) | ({SIMPLEST} if args.transfer else set())
+    models = {w: trained_model(f"emergence_{w}", runs[w], results, points, tests, args.t)
+              for w in WORLDS if w in needed}
+    if args.transfer:
+        key, run = f"{SIMPLEST} -> {MAIN}", runs[MAIN]
+        schedule = run.schedule.build()
+        if not results.has(key, 0):
+            results.record(key, 0, measure(models[SIMPLEST], schedule, tests[MAIN], args.t))
+        if not (results.has(key, points[-1]) and results.diagnosed(key)):
+            model = models[SIMPLEST].train()
+            resume = (cache_dir() / "runs"
+                      / f"emergence-transfer-{runs[SIMPLEST].digest()}-{run.digest(budget=False)}"
+                         ".resume.safetensors")
+
+            def at_point(step, result):
+                if step in points and not results.has(key, step):
+                    results.record(key, step, measure(result.ema, schedule, tests[MAIN], args.t))
+
+            tuned = train(model, schedule, run.data.training_images(), run.train,
+                          checkpoint=resume, callback=at_point, save_every=points[0])
+            results.diagnose(key, follows(tuned.ema, schedule, tests[MAIN], args.t))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

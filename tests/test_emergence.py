@@ -1,0 +1,47 @@
+"""scripts/emergence.py: the emergence study runs, records every point, resumes, and its
+committed results have the shape chapter 3 plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "emergence.py"
+spec = importlib.util.spec_from_file_location("emergence", SCRIPT)
+emergence = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(emergence)
+
+
+def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "emergence.json"
+    argv = ["--profile", "ci", "--test-images", "8", "--out", str(out)]
+    assert emergence.main(argv) == 0
+    results = json.loads(out.read_text())
+    points = results["budget_points"]
+    assert points == [1, 2, 4]  # the ci profile's 4 steps at 1/8, 1/4, 1/2 and all of it
+    for w in emergence.WORLDS:
+        curve = results["worlds"][w]
+        assert curve["steps"] == points
+        assert all(0 <= v <= 1 for v in curve["iou"] + curve["largest"])
+        assert set(results["diagnostics"][w]) == {"edge_corr", "fg_corr"}
+    transfer = results["worlds"]["object-flat -> object"]
+    assert transfer["steps"] == [0, *points]
+    # Everything is cached: a second run measures and trains nothing.
+    capsys.readouterr()
+    before = out.read_text()
+    assert emergence.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "step" not in printed and out.read_text() == before
+
+
+def test_points_are_kept_in_step_order_whatever_order_they_arrive_in(tmp_path):
+    results = emergence.Results(tmp_path / "r.json", {"profile": "ci"})
+    for step in (4, 1, 2):
+        results.record("w", step, {"iou": step / 10, "gap": 0.0, "largest": 1.0})
+    curve = json.loads((tmp_path / "r.json").read_text())["worlds"]["w"]
+    assert curve["steps"] == [1, 2, 4] and curve["iou"] == [0.1, 0.2, 0.4]
+    assert results.has("w", 2) and not results.has("w", 3)
