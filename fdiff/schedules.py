@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_finite, check_images
+from .checks import check_finite, check_images, check_t
 
 __all__ = ["NoiseSchedule", "ScheduleConfig", "linear_betas", "cosine_betas"]
 
@@ -170,6 +170,12 @@ class NoiseSchedule:
         self.check_t(t)
         ab = self.alpha_bar.to(t.device)[t]
         return ab / (1 - ab)
+
+    def same_noise_t(self, other: NoiseSchedule, t: int) -> int:
+        """Return the timestep of this schedule whose noise level (``alpha_bar``) is nearest to
+        ``other``'s at step ``t``: where a recipe stated for another schedule applies here."""
+        target = other.alpha_bar[check_t(t, other)]
+        return int((self.alpha_bar - target).abs().argmin())
 
 
 def _describe(x: object) -> str:

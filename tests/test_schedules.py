@@ -98,3 +98,13 @@ def test_bad_inputs_raise_clear_errors():
         NoiseSchedule("sigmoid")
     with pytest.raises(ValueError, match="num_timesteps"):
         NoiseSchedule("linear", 1)
+
+
+def test_same_noise_t_finds_the_step_with_the_nearest_alpha_bar():
+    linear, cosine = NoiseSchedule("linear", 1000), NoiseSchedule("cosine", 1000)
+    t = cosine.same_noise_t(linear, 30)
+    gaps = (cosine.alpha_bar - linear.alpha_bar[30]).abs()
+    assert gaps[t] == gaps.min() and t == 63  # the paper's t = 30 (linear) is t = 63 (cosine)
+    assert linear.same_noise_t(linear, 30) == 30
+    with pytest.raises(ValueError, match="t must be"):
+        cosine.same_noise_t(linear, 1000)
