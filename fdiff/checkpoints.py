@@ -43,6 +43,7 @@ __all__ = [
     "register_checkpoint",
     "read_manifest",
     "checkpoint_dir",
+    "data_file",
     "sha256_of",
     "atomic_path",
     "ensure_writable",
@@ -66,6 +67,16 @@ def build_model(config: ModelConfig) -> nn.Module:
     if type(config) not in _BUILDERS:
         raise TypeError(f"expected a UNetConfig or a FactorizedConfig, got {type(config).__name__}")
     return _BUILDERS[type(config)](config)
+
+
+def data_file(name: str) -> Path:
+    """Return the path of a small committed result of the book, ``data/<name>`` beside the
+    package (e.g. ``"emergence.json"``, written by ``scripts/emergence.py``)."""
+    path = Path(__file__).resolve().parents[1] / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: it is committed with the book's repository "
+                                f"(install fdiff from a clone, or re-create it with its script)")
+    return path
 
 
 def checkpoint_dir() -> Path:

@@ -114,6 +114,7 @@ class Results:
     def diagnose(self, key: str, values: dict[str, float]) -> None:
         with FileLock(f"{self.path}.lock", timeout=120):
             data = json.loads(self.path.read_text())
+            data.update(self.header)
             data.setdefault("diagnostics", {})[key] = values
             with atomic_path(self.path) as tmp:
                 tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -166,13 +167,14 @@ def main(argv=None) -> int:
     runs = {w: resolve_run(f"emergence_{w}", args.profile) for w in WORLDS}
     budget = runs[MAIN].train.steps
     points = sorted({max(1, round(f * budget)) for f in FRACTIONS})
-    image_size = runs[MAIN].data.image_size
     results = Results(args.out, {
         "profile": args.profile, "t": args.t, "test_images": args.test_images,
+        "image_size": runs[MAIN].data.image_size,
         "budget_points": points, "transfer_from": SIMPLEST, "main_world": MAIN,
         "command": "python scripts/emergence.py" + (
             f" --profile {args.profile}" if args.profile != "cpu" else "")})
-    tests = {w: world(w, args.test_images, image_size, split="test") for w in WORLDS}
+    tests = {w: world(w, args.test_images, runs[MAIN].data.image_size, split="test")
+             for w in WORLDS}
     needed = set(args.worlds) | ({SIMPLEST} if args.transfer else set())
     models = {w: trained_model(f"emergence_{w}", runs[w], results, points, tests, args.t)
               for w in WORLDS if w in needed}

@@ -86,3 +86,11 @@ def test_committed_manifest_entries_are_complete():
         assert {"file", "sha256", "command", "duration_s", "run", "profile"} <= set(entry), name
         assert entry["command"].startswith("python -m fdiff.train")
         assert (checkpoint_dir() / entry["file"]).is_file(), name
+
+
+def test_data_file_finds_committed_results_and_names_a_missing_one():
+    from fdiff.checkpoints import data_file
+
+    assert data_file("references.bib").name == "references.bib"
+    with pytest.raises(FileNotFoundError, match="no-such.json is missing"):
+        data_file("no-such.json")
