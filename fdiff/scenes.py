@@ -25,15 +25,11 @@ object, place and colours across the variants with one object. Items are dicts o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
-from .checks import check_index, check_int
-from .shapes import ROTATES, SHAPE_NAMES, shape_sdf
+from .checks import check_int
+from .shapes import ShapeScenes, placed_sdf
 
 __all__ = ["ObjectScenes"]
 
@@ -68,16 +64,13 @@ def _ramp(t: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return (colours[i] * (1 - w) + colours[i + 1] * w).transpose(2, 0, 1)
 
 
-class ObjectScenes(Dataset):
+class ObjectScenes(ShapeScenes):
     """Procedural scenes of one shaded object (or up to ``max_objects``) on a textured ground.
 
     Item i is a pure function of (seed, split, i and the variant's arguments): any index renders
     in any order. ``split="test"`` draws from a stream disjoint from ``"train"``. See the
     module's description for what each argument changes.
     """
-
-    CLASS_NAMES: tuple[str, ...] = SHAPE_NAMES
-    has_masks = True
 
     def __init__(self, num_images: int, image_size: int = 32, seed: int = 0,
                  split: str = "train", max_objects: int = 1, objects: str = "shaded",
@@ -96,14 +89,6 @@ class ObjectScenes(Dataset):
         centres = (np.arange(self.image_size) + 0.5) / self.image_size
         self._x, self._y = centres[None, :], centres[:, None]
 
-    @property
-    def num_classes(self) -> int:
-        """Number of semantic labels, background included."""
-        return len(self.CLASS_NAMES)
-
-    def __len__(self) -> int:
-        return self.num_images
-
     def __repr__(self) -> str:
         return (f"ObjectScenes(num_images={self.num_images}, image_size={self.image_size}, "
                 f"seed={self.seed}, split={self.split!r}, max_objects={self.max_objects}, "
@@ -117,7 +102,7 @@ class ObjectScenes(Dataset):
         # stay inside it, as in the shapes world.
         margin = (0.9 if one else 1.45) * r
         return {
-            "cls": int(rng.integers(1, len(SHAPE_NAMES))),
+            "cls": int(rng.integers(1, len(self.CLASS_NAMES))),
             "r": r,
             "cx": rng.uniform(margin, 1 - margin),
             "cy": rng.uniform(margin, 1 - margin),
@@ -144,7 +129,8 @@ class ObjectScenes(Dataset):
         high = 0.35 * np.exp(-((dx - hx) ** 2 + (dy - hy) ** 2) / (2 * (0.35 * r) ** 2))
         return np.clip(obj["colour"][:, None, None] * shade[None] + high[None], 0, 1)
 
-    def _render(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _render(self, index: int, image_out: np.ndarray, instance: np.ndarray,
+                semantic: np.ndarray) -> None:
         rng = np.random.default_rng((_STREAM[self.split], self.seed, index))
         x, y = self._x, self._y
         ground = rng.uniform(0.05, 0.95, (3, 3))
@@ -158,39 +144,16 @@ class ObjectScenes(Dataset):
             image = np.broadcast_to(ground[0][:, None, None], (3, y.shape[0], x.shape[1])).copy()
         else:
             image = _ramp(texture, ground)
-        instance = np.zeros((y.shape[0], x.shape[1]), np.int64)
-        semantic = np.zeros_like(instance)
+        instance[:] = 0
+        semantic[:] = 0
         size = self.image_size
         for k, obj in enumerate(objects, start=1):
             dx, dy = x - obj["cx"], y - obj["cy"]
-            if ROTATES[obj["cls"]]:
-                ca, sa = math.cos(obj["angle"]), math.sin(obj["angle"])
-                u, v = ca * dx + sa * dy, ca * dy - sa * dx
-            else:
-                u, v = dx, dy
-            sdf = shape_sdf(obj["cls"], u, v, obj["r"])
+            sdf = placed_sdf(obj["cls"], obj["angle"], obj["r"], dx, dy)
             # Antialiased over one pixel; alpha > 0.5 exactly where the pixel centre is inside.
             alpha = np.clip(0.5 - sdf * size, 0, 1)[None]
             image = image + alpha * (self._paint(obj, dx, dy) - image)
             instance[sdf < 0] = k
             semantic[sdf < 0] = obj["cls"]
         image = image + _PIXEL_NOISE * rng.standard_normal(image.shape)
-        return np.clip(image, 0, 1) * 2 - 1, instance, semantic
-
-    def batch(self, indices: Sequence[int] | Tensor | np.ndarray) -> dict[str, Tensor]:
-        """Render several items at once; the keys of an item with a leading batch dimension."""
-        if isinstance(indices, (Tensor, np.ndarray)):
-            indices = indices.tolist()
-        idx = [check_index(i, self.num_images) for i in indices]
-        s = self.image_size
-        rendered = [self._render(i) for i in idx]
-        images = np.stack([r[0] for r in rendered]) if idx else np.zeros((0, 3, s, s))
-        inst = np.stack([r[1] for r in rendered]) if idx else np.zeros((0, s, s), np.int64)
-        sem = np.stack([r[2] for r in rendered]) if idx else np.zeros((0, s, s), np.int64)
-        instance = torch.from_numpy(inst)
-        return {"image": torch.from_numpy(images).float(), "mask": (instance > 0).long(),
-                "semantic": torch.from_numpy(sem), "instance": instance}
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        out = self.batch([index])
-        return {key: value[0] for key, value in out.items()}
+        image_out[:] = np.clip(image, 0, 1) * 2 - 1

@@ -3,16 +3,24 @@
 A shape of class ``cls`` (1 disk, 2 square, 3 triangle, 4 ring, 5 cross; 0 is the background)
 and "radius" ``r`` is the set where :func:`shape_sdf` is negative, in the shape's own rotated
 frame. The worlds (:mod:`fdiff.worlds`) draw with it, and :mod:`fdiff.recognise` fits the same
-shapes to generated figures.
+shapes to generated figures. :class:`ShapeScenes` is what every procedural world of these
+shapes shares: items and batches rendered by the world's ``_render``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["SHAPE_NAMES", "ROTATES", "SYMMETRY", "shape_sdf", "unit_areas"]
+from .checks import check_index
+
+__all__ = ["SHAPE_NAMES", "ROTATES", "SYMMETRY", "shape_sdf", "placed_sdf", "unit_areas",
+           "ShapeScenes"]
 
 SHAPE_NAMES: tuple[str, ...] = ("background", "disk", "square", "triangle", "ring", "cross")
 
@@ -55,8 +63,74 @@ def shape_sdf(cls: int, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape class {cls}: expected 1..{len(SHAPE_NAMES) - 1}")
 
 
+def placed_sdf(cls: int, angle: float, r: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Return :func:`shape_sdf` of a shape turned by ``angle`` (radians; ignored for the
+    classes that look the same at every angle) at offsets ``dx, dy`` from its centre."""
+    if ROTATES[cls]:
+        ca, sa = math.cos(angle), math.sin(angle)
+        return shape_sdf(cls, ca * dx + sa * dy, ca * dy - sa * dx, r)
+    return shape_sdf(cls, dx, dy, r)
+
+
 def unit_areas(resolution: int = 400) -> dict[int, float]:
     """Return the area of each shape class at radius 1, measured on a fine grid."""
     c = (np.arange(resolution) + 0.5) / resolution * 4 - 2  # [-2, 2]: every shape fits
     inside = {k: shape_sdf(k, c[None, :], c[:, None], 1.0) < 0 for k in range(1, 6)}
     return {k: float(v.mean() * 16) for k, v in inside.items()}
+
+
+class ShapeScenes(Dataset):
+    """A procedural world of these shapes: ``num_images`` scenes of ``image_size`` pixels.
+
+    A subclass renders scene ``index`` with ``_render(index, image, instance, semantic)``, into
+    float32 (3, S, S) in [-1, 1] and int64 (S, S) label arrays; items and batches follow.
+    """
+
+    CLASS_NAMES: tuple[str, ...] = SHAPE_NAMES
+    has_masks = True
+    num_images: int
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        """Number of semantic labels, background included."""
+        return len(self.CLASS_NAMES)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def _render(self, index: int, image: np.ndarray, instance: np.ndarray,
+                semantic: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """Return item ``index`` as a dict of ``image``, ``mask``, ``semantic``, ``instance``."""
+        out = self.batch([index])
+        return {key: value[0] for key, value in out.items()}
+
+    def batch(self, indices: Sequence[int] | Tensor | np.ndarray) -> dict[str, Tensor]:
+        """Render several items at once and return them stacked.
+
+        Same keys as an item, each with a leading batch dimension B = len(indices):
+        ``image`` (B, 3, S, S) float32 in [-1, 1], ``mask`` (foreground), ``semantic`` (shape
+        class, 0 background), ``instance`` (k-th object drawn, 0 background), (B, S, S) int64.
+        """
+        if isinstance(indices, (Tensor, np.ndarray)):
+            if indices.ndim != 1:
+                shape = tuple(indices.shape)
+                raise ValueError(f"indices must be one-dimensional, got shape {shape}")
+            indices = indices.tolist()
+        idx = [check_index(i, self.num_images) for i in indices]
+        size = self.image_size
+        images = np.empty((len(idx), 3, size, size), dtype=np.float32)
+        instance = np.empty((len(idx), size, size), dtype=np.int64)
+        semantic = np.empty((len(idx), size, size), dtype=np.int64)
+        for b, i in enumerate(idx):
+            self._render(i, images[b], instance[b], semantic[b])
+        instance_t = torch.from_numpy(instance)
+        return {
+            "image": torch.from_numpy(images),
+            "mask": (instance_t > 0).long(),
+            "semantic": torch.from_numpy(semantic),
+            "instance": instance_t,
+        }

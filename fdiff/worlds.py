@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from .checks import check_index, check_int
 from .scenes import ObjectScenes
-from .shapes import ROTATES, SHAPE_NAMES, shape_sdf
+from .shapes import ShapeScenes, placed_sdf
 
 __all__ = ["ShapesDataset", "WORLDS", "world"]
 
@@ -114,7 +113,7 @@ def _window(centre: float, reach: float, size: int) -> tuple[int, int]:
 
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(ShapeScenes):
     """Procedural scenes of 1 to ``max_objects`` textured shapes on a textured background.
 
     Item i is a pure function of (seed, split, max_objects, i, image_size): any index can be
@@ -143,8 +142,6 @@ class ShapesDataset(Dataset):
     (:data:`WORLDS`).
     """
 
-    CLASS_NAMES: tuple[str, ...] = SHAPE_NAMES
-    has_masks = True
 
     def __init__(
         self,
@@ -171,14 +168,6 @@ class ShapesDataset(Dataset):
         centres = (np.arange(size, dtype=np.float32) + 0.5) / size
         self._x = centres[None, :]
         self._y = centres[:, None]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of semantic labels, background included."""
-        return len(self.CLASS_NAMES)
-
-    def __len__(self) -> int:
-        return self.num_images
 
     def __repr__(self) -> str:
         return (
@@ -235,12 +224,7 @@ class ShapesDataset(Dataset):
             r0, r1 = _window(obj["cy"], reach, size)
             c0, c1 = _window(obj["cx"], reach, size)
             dx, dy = x[:, c0:c1] - obj["cx"], y[r0:r1] - obj["cy"]
-            if ROTATES[obj["cls"]]:
-                ca, sa = math.cos(obj["angle"]), math.sin(obj["angle"])
-                u, v = ca * dx + sa * dy, ca * dy - sa * dx
-            else:
-                u, v = dx, dy
-            sdf = shape_sdf(obj["cls"], u, v, obj["r"])
+            sdf = placed_sdf(obj["cls"], obj["angle"], obj["r"], dx, dy)
             # Coverage ramps over one pixel around the edge: alpha > 0.5 exactly where the
             # pixel centre is inside, so the hard labels agree with the antialiased image.
             alpha = np.clip(0.5 - sdf * size, 0.0, 1.0)
@@ -259,38 +243,6 @@ class ShapesDataset(Dataset):
         np.clip(rgb, 0.0, 1.0, out=rgb)
         np.multiply(rgb, 2.0, out=image_out)
         image_out -= 1.0
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """Return item ``index`` as a dict of ``image``, ``mask``, ``semantic``, ``instance``."""
-        out = self.batch([index])
-        return {key: value[0] for key, value in out.items()}
-
-    def batch(self, indices: Sequence[int] | Tensor | np.ndarray) -> dict[str, Tensor]:
-        """Render several items at once and return them stacked.
-
-        Same keys as an item, each with a leading batch dimension B = len(indices):
-        ``image`` (B, 3, S, S) float32 in [-1, 1], ``mask``, ``semantic``, ``instance``
-        (B, S, S) int64. Equal to stacking ``self[i]`` but skips the per-item collation.
-        """
-        if isinstance(indices, (Tensor, np.ndarray)):
-            if indices.ndim != 1:
-                shape = tuple(indices.shape)
-                raise ValueError(f"indices must be one-dimensional, got shape {shape}")
-            indices = indices.tolist()
-        idx = [check_index(i, self.num_images) for i in indices]
-        size = self.image_size
-        images = np.empty((len(idx), 3, size, size), dtype=np.float32)
-        instance = np.empty((len(idx), size, size), dtype=np.int64)
-        semantic = np.empty((len(idx), size, size), dtype=np.int64)
-        for b, i in enumerate(idx):
-            self._render(i, images[b], instance[b], semantic[b])
-        instance_t = torch.from_numpy(instance)
-        return {
-            "image": torch.from_numpy(images),
-            "mask": (instance_t > 0).long(),
-            "semantic": torch.from_numpy(semantic),
-            "instance": instance_t,
-        }
 
     def layers(self, index: int) -> dict[str, Tensor]:
         """Return every object of item ``index`` before occlusion, in drawing order.
