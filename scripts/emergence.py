@@ -13,7 +13,8 @@ its budget, measures on that world's held-out scenes:
 
 At the end of each training it also records what the soft masks follow: the Pearson correlation,
 pixel by pixel, of the smaller region's mask with the image's edges
-(:func:`fdiff.metrics.edge_strength`) and with the true foreground (``diagnostics``).
+(:func:`fdiff.metrics.edge_strength`) and with the true foreground, and that mask on the first
+few test scenes (``diagnostics``).
 
 Then the transfer: the simplest world's model (``object-flat``) on the main world without
 training (step 0), and fine-tuned on it for the same budget. Results go to
@@ -59,6 +60,7 @@ SIMPLEST = "object-flat"  # the transfer starts from this world's model
 MAIN = "object"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # the budget points, as fractions of the study's budget
 KEYS = ("iou", "gap", "largest")
+EXAMPLES = 8  # test scenes whose final masks the results keep
 
 
 def measure(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
@@ -85,7 +87,9 @@ def follows(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
     smaller = masks.flatten(2).mean(2).argmin(1)  # per image, the region with less mass
     m = masks[torch.arange(len(masks)), smaller]
     return {"edge_corr": round(pixel_correlation(m, edge_strength(batch["image"])), 4),
-            "fg_corr": round(pixel_correlation(m, batch["mask"].float()), 4)}
+            "fg_corr": round(pixel_correlation(m, batch["mask"].float()), 4),
+            # The first few scenes' masks, in 1/255 steps, for the chapter to show.
+            "examples": (m[:EXAMPLES] * 255).round().to(torch.uint8).tolist()}
 
 
 class Results:

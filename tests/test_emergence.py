@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "emergence.py"
 spec = importlib.util.spec_from_file_location("emergence", SCRIPT)
@@ -27,7 +29,11 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
         curve = results["worlds"][w]
         assert curve["steps"] == points
         assert all(0 <= v <= 1 for v in curve["iou"] + curve["largest"])
-        assert set(results["diagnostics"][w]) == {"edge_corr", "fg_corr"}
+        diagnostics = results["diagnostics"][w]
+        assert set(diagnostics) == {"edge_corr", "fg_corr", "examples"}
+        examples = torch.tensor(diagnostics["examples"])
+        assert examples.shape == (emergence.EXAMPLES, 16, 16)  # the ci profile's image size
+        assert 0 <= examples.min() and examples.max() <= 255
     transfer = results["worlds"]["object-flat -> object"]
     assert transfer["steps"] == [0, *points]
     # Everything is cached: a second run measures and trains nothing.
