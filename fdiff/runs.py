@@ -149,6 +149,9 @@ def _ablation(about: str, **changes: Any) -> RunEntry:
 
 
 _BF16 = {"train.precision": "bf16"}
+# The emergence study's budget: short, since it trains one run per world.
+_STUDY_BUDGET = {"ci": {"train.steps": 4}, "cpu": {**_BF16, "train.steps": 800},
+                 "gpu": {"train.steps": 5000}}
 RUNS: dict[str, RunEntry] = {
     **{f"ddpm_{d}": RunEntry(f"the plain U-Net on {d}", "unet", d, per_profile={"cpu": _BF16})
        for d in DATASET_NAMES},
@@ -183,9 +186,12 @@ RUNS: dict[str, RunEntry] = {
     **{f"emergence_{w}": RunEntry(
         f"the emergence study on {w}", "factorized", w,
         changes={"model.unet.padding_mode": "replicate"},
-        per_profile={"ci": {"train.steps": 4}, "cpu": {**_BF16, "train.steps": 800},
-                     "gpu": {"train.steps": 5000}})
+        per_profile=_STUDY_BUDGET)
        for w in ("object", "objects", "object-shared", "object-flat")},
+    "emergence_object-flat-narrow": RunEntry(
+        "the emergence study on object-flat, with the narrow mask generator", "factorized",
+        "object-flat", changes={"model.unet.padding_mode": "replicate", **_NARROW},
+        per_profile=_STUDY_BUDGET),
     "ablation_k2": _ablation("the reference, K = 2"),
     "ablation_k3": _ablation("K = 3", num_regions=3),
     "ablation_k4": _ablation("K = 4", num_regions=4),

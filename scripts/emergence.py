@@ -16,12 +16,15 @@ pixel by pixel, of the smaller region's mask with the image's edges
 (:func:`fdiff.metrics.edge_strength`) and with the true foreground, and that mask on the first
 few test scenes (``diagnostics``).
 
+A fidelity check rides along: the simplest world trained with the first runs' mask generator
+(half the width, no attention) beside the paper's (``object-flat, narrow mask generator``).
+
 Then the transfer: the simplest world's model (``object-flat``) on the main world without
 training (step 0), and fine-tuned on it for the same budget. Results go to
 ``data/emergence.json`` (small, committed), which chapter 3 plots. One command reproduces it:
 
     python scripts/emergence.py                  # cpu profile; resumes where it stopped
-    python scripts/emergence.py --worlds object objects --no-transfer   # a part, e.g. in parallel
+    python scripts/emergence.py --runs object objects --no-transfer   # a part, e.g. in parallel
 
 Every training resumes from its resume file in ``$FDIFF_CACHE`` and every point is written
 (under a lock) as soon as it is measured, so an interruption loses nothing and two processes
@@ -58,6 +61,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLDS = ("object", "objects", "object-shared", "object-flat")  # the main world first
 SIMPLEST = "object-flat"  # the transfer starts from this world's model
 MAIN = "object"
+# Every run of the study by its label: one per world, and the fidelity check on the mask
+# generator (the first runs' narrow one, without attention, against the paper's full one).
+STUDY = {**{w: f"emergence_{w}" for w in WORLDS},
+         "object-flat, narrow mask generator": "emergence_object-flat-narrow"}
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # the budget points, as fractions of the study's budget
 KEYS = ("iou", "gap", "largest")
 EXAMPLES = 8  # test scenes whose final masks the results keep
@@ -136,31 +143,32 @@ class Results:
             "steps", [])
 
 
-def trained_model(name: str, run, results: Results, points, tests, t):
-    """Train (or resume, or load) the study run ``name``, recording the budget points."""
-    path, resume = run_paths(name, run)
+def trained_model(key: str, run, results: Results, points, tests, t):
+    """Train (or resume, or load) the study run labelled ``key``, recording the budget points."""
+    path, resume = run_paths(STUDY[key], run)
     schedule = run.schedule.build()
-    key = name.removeprefix("emergence_")
+    data = tests[run.data.name]
 
     def at_point(step, result):
         if step in points and not results.has(key, step):
-            results.record(key, step, measure(result.ema, schedule, tests[key], t))
+            results.record(key, step, measure(result.ema, schedule, data, t))
 
     if not path.exists():
         ema, extra, tensors = train_run(run, resume, callback=at_point, save_every=points[0])
         save_model(path, ema, extra=extra, tensors=tensors)
     model = load_model(path)[0].to(default_device())
     if not results.has(key, run.train.steps):
-        results.record(key, run.train.steps, measure(model, schedule, tests[key], t))
+        results.record(key, run.train.steps, measure(model, schedule, data, t))
     if not results.diagnosed(key):
-        results.diagnose(key, follows(model, schedule, tests[key], t))
+        results.diagnose(key, follows(model, schedule, data, t))
     return model
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--worlds", nargs="*", default=list(WORLDS), choices=WORLDS)
+    parser.add_argument("--runs", nargs="*", default=list(STUDY), choices=list(STUDY),
+                        metavar="LABEL", help=f"the study's runs to do (all: {', '.join(STUDY)})")
     parser.add_argument("--no-transfer", dest="transfer", action="store_false")
     parser.add_argument("--test-images", type=int, default=256)
     parser.add_argument("--t", type=int, default=63,
@@ -168,7 +176,7 @@ def main(argv=None) -> int:
                              "linear schedule has the same noise level)")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "emergence.json")
     args = parser.parse_args(argv)
-    runs = {w: resolve_run(f"emergence_{w}", args.profile) for w in WORLDS}
+    runs = {key: resolve_run(name, args.profile) for key, name in STUDY.items()}
     budget = runs[MAIN].train.steps
     points = sorted({max(1, round(f * budget)) for f in FRACTIONS})
     results = Results(args.out, {
@@ -179,9 +187,9 @@ def main(argv=None) -> int:
             f" --profile {args.profile}" if args.profile != "cpu" else "")})
     tests = {w: world(w, args.test_images, runs[MAIN].data.image_size, split="test")
              for w in WORLDS}
-    needed = set(args.worlds) | ({SIMPLEST} if args.transfer else set())
-    models = {w: trained_model(f"emergence_{w}", runs[w], results, points, tests, args.t)
-              for w in WORLDS if w in needed}
+    needed = set(args.runs) | ({SIMPLEST} if args.transfer else set())
+    models = {key: trained_model(key, runs[key], results, points, tests, args.t)
+              for key in STUDY if key in needed}
     if args.transfer:
         key, run = f"{SIMPLEST} -> {MAIN}", runs[MAIN]
         schedule = run.schedule.build()

@@ -25,7 +25,8 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
     results = json.loads(out.read_text())
     points = results["budget_points"]
     assert points == [1, 2, 4]  # the ci profile's 4 steps at 1/8, 1/4, 1/2 and all of it
-    for w in emergence.WORLDS:
+    assert len(emergence.STUDY) == len(emergence.WORLDS) + 1
+    for w in emergence.STUDY:
         curve = results["worlds"][w]
         assert curve["steps"] == points
         assert all(0 <= v <= 1 for v in curve["iou"] + curve["largest"])
