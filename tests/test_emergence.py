@@ -35,7 +35,7 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
         examples = torch.tensor(diagnostics["examples"])
         assert examples.shape == (emergence.EXAMPLES, 16, 16)  # the ci profile's image size
         assert 0 <= examples.min() and examples.max() <= 255
-    transfer = results["worlds"]["object-flat -> object"]
+    transfer = results["worlds"]["simple-shapes -> object"]
     assert transfer["steps"] == [0, *points]
     # Everything is cached: a second run measures and trains nothing.
     capsys.readouterr()
