@@ -14,13 +14,17 @@ from the command line without further code.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import types
 import typing
 from typing import Any, Union
 
-__all__ = ["to_json", "from_json", "change", "field_paths", "canonical", "ConfigError"]
+import torch
+
+__all__ = ["to_json", "from_json", "change", "field_paths", "canonical", "ConfigError",
+           "masks_to_json", "masks_from_json"]
 
 
 class ConfigError(ValueError):
@@ -199,3 +203,16 @@ def _set(config: Any, parts: list[str], value: Any, full: str) -> Any:
         return dataclasses.replace(config, **{head: converted})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{full}: {err}") from err
+
+
+def masks_to_json(masks: torch.Tensor) -> dict:
+    """Soft masks (..., H, W) in [0, 1] as a small JSON object: uint8 steps of 1/255, base64."""
+    u8 = (masks.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    return {"shape": list(u8.shape),
+            "uint8_base64": base64.b64encode(u8.numpy().tobytes()).decode("ascii")}
+
+
+def masks_from_json(encoded: dict) -> torch.Tensor:
+    """The masks :func:`masks_to_json` stored, as float in [0, 1] (within half a 1/255 step)."""
+    raw = bytearray(base64.b64decode(encoded["uint8_base64"]))
+    return torch.frombuffer(raw, dtype=torch.uint8).reshape(encoded["shape"]).float() / 255

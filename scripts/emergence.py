@@ -43,6 +43,7 @@ import torch
 from filelock import FileLock
 
 from fdiff.checkpoints import atomic_path, load_model, save_model
+from fdiff.configs import masks_to_json
 from fdiff.data import stack_images
 from fdiff.metrics import (
     border_foreground,
@@ -100,7 +101,7 @@ def follows(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
     return {"edge_corr": round(pixel_correlation(m, edge_strength(batch["image"])), 4),
             "fg_corr": round(pixel_correlation(m, batch["mask"].float()), 4),
             # The first few scenes' masks, in 1/255 steps, for the chapter to show.
-            "examples": (m[:EXAMPLES] * 255).round().to(torch.uint8).tolist()}
+            "examples": masks_to_json(m[:EXAMPLES])}
 
 
 class Results:

@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
+from fdiff.configs import masks_from_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "emergence.py"
@@ -32,9 +32,9 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
         assert all(0 <= v <= 1 for v in curve["iou"] + curve["largest"])
         diagnostics = results["diagnostics"][w]
         assert set(diagnostics) == {"edge_corr", "fg_corr", "examples"}
-        examples = torch.tensor(diagnostics["examples"])
+        examples = masks_from_json(diagnostics["examples"])
         assert examples.shape == (emergence.EXAMPLES, 16, 16)  # the ci profile's image size
-        assert 0 <= examples.min() and examples.max() <= 255
+        assert 0 <= examples.min() and examples.max() <= 1
     transfer = results["worlds"]["simple-shapes -> object"]
     assert transfer["steps"] == [0, *points]
     # Everything is cached: a second run measures and trains nothing.

@@ -327,3 +327,14 @@ def test_a_model_config_round_trips_through_json():
     assert from_json(FactorizedConfig, data) == cfg
     assert dataclasses.replace(cfg, num_regions=4) == from_json(
         FactorizedConfig, {**data, "num_regions": 4})
+
+
+def test_masks_survive_their_json_form_to_within_half_a_step():
+    import json
+
+    from fdiff.configs import masks_from_json, masks_to_json
+
+    masks = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    stored = json.loads(json.dumps(masks_to_json(masks)))
+    back = masks_from_json(stored)
+    assert back.shape == masks.shape and (back - masks).abs().max() <= 0.5 / 255 + 1e-6
