@@ -16,7 +16,7 @@ pixel by pixel, of the smaller region's mask with the image's edges
 (:func:`fdiff.metrics.edge_strength`) and with the true foreground, and that mask on the first
 few test scenes (``diagnostics``).
 
-A fidelity check rides along: the simplest world trained with the first runs' mask generator
+A fidelity check rides along: object-flat trained again with the first runs' mask generator
 (half the width, no attention) beside the paper's (``object-flat, narrow mask generator``).
 
 Then the transfer: the simplest world's committed model (``factorized_simple-shapes-replicate``,
