@@ -70,7 +70,8 @@ def confusion(pred: Tensor, target: Tensor, num_pred: int, num_target: int) -> T
     return torch.bincount(idx, minlength=num_pred * num_target).view(num_pred, num_target)
 
 
-def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict[str, float]:
+def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False,
+                      region: int | None = None) -> dict[str, float]:
     """Score a K-region prediction against a binary foreground mask.
 
     The foreground is the predicted region with the highest IoU against the true foreground,
@@ -79,12 +80,19 @@ def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict
     fg (B, H, W) in {0, 1}, -1 ignored. Returns pixel accuracy, IoU and DICE of the foreground,
     and (over the whole set) the region chosen. Images without a foreground pixel have no
     foreground to find: ``per_image`` leaves them out, and a set without any is an error.
+    ``region`` scores that region as the foreground instead of choosing one (e.g. the region
+    chosen on labelled validation images, so that the scored images' labels choose nothing).
     """
     _check_labels(pred, fg)
     has_fg = (fg == 1).flatten(1).any(1)
     if not bool(has_fg.any()):
         raise ValueError("fg has no foreground pixel (value 1): there is nothing to score")
     k = int(pred.max()) + 1 if pred.numel() else 1
+    if region is not None:
+        if per_image or isinstance(region, bool) or not isinstance(region, int) or region < 0:
+            raise ValueError(f"region must be an int >= 0 and per_image False, got region="
+                             f"{region!r}, per_image={per_image!r}")
+        k = max(k, region + 1)
     if per_image:
         rows = [foreground_scores(p[None], f[None]) for p, f, h in zip(pred, fg, has_fg) if h]
         return {key: float(np.mean([r[key] for r in rows])) for key in ("accuracy", "iou", "dice")}
@@ -93,7 +101,7 @@ def foreground_scores(pred: Tensor, fg: Tensor, per_image: bool = False) -> dict
     fp = conf[:, 0]
     fn = conf[:, 1].sum() - tp
     iou = tp / (tp + fp + fn).clamp(min=1)
-    best = int(iou.argmax())
+    best = int(iou.argmax()) if region is None else region
     total = conf.sum().clamp(min=1)
     acc = (tp[best] + (conf[:, 0].sum() - fp[best])) / total
     dice = 2 * tp[best] / (2 * tp[best] + fp[best] + fn[best]).clamp(min=1)

@@ -266,3 +266,16 @@ def test_pixel_correlation_is_pearson_per_image_averaged():
     assert pixel_correlation(a[:1], -b[:1]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="one shape"):
         pixel_correlation(a, b[:, :1])
+
+
+def test_foreground_scores_can_score_a_region_chosen_elsewhere():
+    from fdiff.metrics import foreground_scores
+
+    fg = torch.tensor([[[0, 1], [1, 1]]])
+    pred = torch.tensor([[[0, 1], [1, 0]]])  # region 1 is the better match: IoU 2/3
+    assert foreground_scores(pred, fg)["region"] == 1
+    forced = foreground_scores(pred, fg, region=0)  # region 0: 1 of 4 pixels, IoU 1/4
+    assert forced["region"] == 0 and forced["iou"] == pytest.approx(0.25)
+    assert foreground_scores(pred, fg, region=3)["iou"] == 0.0  # a region absent from pred
+    with pytest.raises(ValueError, match="region must be"):
+        foreground_scores(pred, fg, per_image=True, region=1)
