@@ -123,6 +123,8 @@ def uniform_mask_gap(model: FactorizedDenoiser, schedule, x0: Tensor, t: int,
     t = check_t(t, schedule)
     if noise is None:
         noise = randn(x0.shape, make_generator(0))
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
     device = model_device(model)
     own = uniform = 0.0
     for s in range(0, len(x0), batch_size):

@@ -44,7 +44,6 @@ from filelock import FileLock
 
 from fdiff.checkpoints import atomic_path, load_model, save_model
 from fdiff.configs import masks_to_json
-from fdiff.data import stack_images
 from fdiff.metrics import (
     border_foreground,
     edge_strength,
@@ -75,33 +74,31 @@ KEYS = ("iou", "gap", "largest")
 EXAMPLES = 8  # test scenes whose final masks the results keep
 
 
-def measure(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
-    """The study's three numbers for ``model`` on the scenes ``data``, segmenting at step t."""
+def measure(model, schedule, data, t: int, seed: int = 0, diagnose: bool = False):
+    """The study's three numbers for ``model`` on the scenes ``data``, segmenting at step t;
+    with ``diagnose`` also what the smaller region's soft mask follows (its correlation with the
+    image's edges and with the true foreground, mean over images) and that mask on the first
+    few scenes. Returns (point, diagnostics or None)."""
     was_training = model.training
     model.eval()
     masks = segment_dataset(model, schedule, data, t, seed=seed, progress=False)
-    truth = data.batch(range(len(data)))["mask"]
-    iou = foreground_scores(border_foreground(masks.argmax(1)), truth)["iou"]
-    images = stack_images(data, range(len(data)))
-    noise = randn(images.shape, make_generator(seed, 1))
-    gap = uniform_mask_gap(model, schedule, images, t, noise=noise)["gap"]
-    model.train(was_training)
-    return {"iou": round(iou, 4), "gap": round(gap, 4),
-            "largest": round(mask_stats(masks)["largest_area"], 4)}
-
-
-def follows(model, schedule, data, t: int, seed: int = 0) -> dict[str, float]:
-    """What the smaller region's soft mask follows: its correlation with the image's edges and
-    with the true foreground (mean over images)."""
-    model.eval()
-    masks = segment_dataset(model, schedule, data, t, seed=seed, progress=False)
     batch = data.batch(range(len(data)))
+    images, truth = batch["image"], batch["mask"]
+    noise = randn(images.shape, make_generator(seed, 1))
+    point = {
+        "iou": round(foreground_scores(border_foreground(masks.argmax(1)), truth)["iou"], 4),
+        "gap": round(uniform_mask_gap(model, schedule, images, t, noise=noise)["gap"], 4),
+        "largest": round(mask_stats(masks)["largest_area"], 4),
+    }
+    model.train(was_training)
+    if not diagnose:
+        return point, None
     smaller = masks.flatten(2).mean(2).argmin(1)  # per image, the region with less mass
     m = masks[torch.arange(len(masks)), smaller]
-    return {"edge_corr": round(pixel_correlation(m, edge_strength(batch["image"])), 4),
-            "fg_corr": round(pixel_correlation(m, batch["mask"].float()), 4),
-            # The first few scenes' masks, in 1/255 steps, for the chapter to show.
-            "examples": masks_to_json(m[:EXAMPLES])}
+    return point, {"edge_corr": round(pixel_correlation(m, edge_strength(images)), 4),
+                   "fg_corr": round(pixel_correlation(m, truth.float()), 4),
+                   # The first few scenes' masks, in 1/255 steps, for the chapter to show.
+                   "examples": masks_to_json(m[:EXAMPLES])}
 
 
 class Results:
@@ -110,63 +107,75 @@ class Results:
     def __init__(self, path: Path, header: dict) -> None:
         self.path, self.header = path, header
 
-    def record(self, key: str, step: int, point: dict[str, float]) -> None:
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def _update(self, change) -> None:
+        """Read the file, apply ``change(data)`` and write it back, all under the lock."""
         with FileLock(f"{self.path}.lock", timeout=120):
-            data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            data = self._read()
             if data.get("profile") not in (None, self.header["profile"]):
                 raise ValueError(f"{self.path} holds the {data['profile']!r} profile's study; "
                                  f"use --out for another profile")
             data.update(self.header)
+            change(data)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+    def record(self, key: str, step: int, point: dict[str, float]) -> None:
+        def change(data):
             entry = data.setdefault("worlds", {}).setdefault(key, {"steps": []})
             rows = {s: {k: entry[k][i] for k in KEYS} for i, s in enumerate(entry["steps"])}
             rows[step] = point
             steps = sorted(rows)
             data["worlds"][key] = {"steps": steps, **{k: [rows[s][k] for s in steps] for k in KEYS}}
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+        self._update(change)
         print(f"{key:22s} step {step:5d}: IoU {point['iou']:.3f}, uniform-mask gap "
               f"{point['gap']:+.3f}, largest region {point['largest']:.2f}", flush=True)
 
-    def diagnose(self, key: str, values: dict[str, float]) -> None:
-        with FileLock(f"{self.path}.lock", timeout=120):
-            data = json.loads(self.path.read_text())
-            data.update(self.header)
-            data.setdefault("diagnostics", {})[key] = values
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1) + "\n")
+    def diagnose(self, key: str, values: dict) -> None:
+        self._update(lambda data: data.setdefault("diagnostics", {}).__setitem__(key, values))
         print(f"{key:22s} the smaller region's mask correlates {values['edge_corr']:+.3f} with "
               f"edges, {values['fg_corr']:+.3f} with the foreground", flush=True)
 
     def diagnosed(self, key: str) -> bool:
-        return self.path.is_file() and key in json.loads(self.path.read_text()).get(
-            "diagnostics", {})
+        return key in self._read().get("diagnostics", {})
 
     def has(self, key: str, step: int) -> bool:
-        if not self.path.is_file():
-            return False
-        return step in json.loads(self.path.read_text()).get("worlds", {}).get(key, {}).get(
-            "steps", [])
+        return step in self._read().get("worlds", {}).get(key, {}).get("steps", [])
+
+    def take(self, key: str, step: int, model, schedule, data, t: int, last: bool) -> None:
+        """Measure and record ``model`` at ``step`` unless that is done already; at the
+        ``last`` point also its diagnostics. The scenes are segmented once for both."""
+        point_missing = not self.has(key, step)
+        diagnose = last and not self.diagnosed(key)
+        if point_missing or diagnose:
+            point, diagnostics = measure(model, schedule, data, t, diagnose=diagnose)
+            if point_missing:
+                self.record(key, step, point)
+            if diagnose:
+                self.diagnose(key, diagnostics)
+
+    def at_points(self, key: str, points, schedule, data, t: int):
+        """A training callback that takes the budget points (the last with diagnostics)."""
+        def callback(step, result):
+            if step in points:
+                self.take(key, step, result.ema, schedule, data, t, last=step == points[-1])
+        return callback
 
 
-def trained_model(key: str, run, results: Results, points, tests, t):
+def trained_model(key: str, run, results: Results, points, tests, t) -> None:
     """Train (or resume, or load) the study run labelled ``key``, recording the budget points."""
     path, resume = run_paths(STUDY[key], run)
     schedule = run.schedule.build()
     data = tests[run.data.name]
-
-    def at_point(step, result):
-        if step in points and not results.has(key, step):
-            results.record(key, step, measure(result.ema, schedule, data, t))
-
     if not path.exists():
-        ema, extra, tensors = train_run(run, resume, callback=at_point, save_every=points[0])
+        ema, extra, tensors = train_run(run, resume, save_every=points[0],
+                                        callback=results.at_points(key, points, schedule, data, t))
         save_model(path, ema, extra=extra, tensors=tensors)
     model = load_model(path)[0].to(default_device())
-    if not results.has(key, run.train.steps):
-        results.record(key, run.train.steps, measure(model, schedule, data, t))
-    if not results.diagnosed(key):
-        results.diagnose(key, follows(model, schedule, data, t))
-    return model
+    results.take(key, run.train.steps, model, schedule, data, t, last=True)
 
 
 def main(argv=None) -> int:
@@ -197,23 +206,17 @@ def main(argv=None) -> int:
             trained_model(key, runs[key], results, points, tests, args.t)
     if args.transfer:
         key, run = f"{SIMPLEST} -> {MAIN}", runs[MAIN]
-        schedule = run.schedule.build()
+        schedule, data = run.schedule.build(), tests[MAIN]
         start, _ = load_run(SIMPLEST_RUN, args.profile)
-        if not results.has(key, 0):
-            results.record(key, 0, measure(start, schedule, tests[MAIN], args.t))
+        results.take(key, 0, start, schedule, data, args.t, last=False)
         if not (results.has(key, points[-1]) and results.diagnosed(key)):
-            model = start.train()
             digest = resolve_run(SIMPLEST_RUN, args.profile).digest()
             resume = (cache_dir() / "runs" / f"emergence-transfer-{digest}-"
                       f"{run.digest(budget=False)}.resume.safetensors")
-
-            def at_point(step, result):
-                if step in points and not results.has(key, step):
-                    results.record(key, step, measure(result.ema, schedule, tests[MAIN], args.t))
-
-            tuned = train(model, schedule, run.data.training_images(), run.train,
-                          checkpoint=resume, callback=at_point, save_every=points[0])
-            results.diagnose(key, follows(tuned.ema, schedule, tests[MAIN], args.t))
+            tuned = train(start.train(), schedule, run.data.training_images(), run.train,
+                          checkpoint=resume, save_every=points[0],
+                          callback=results.at_points(key, points, schedule, data, args.t))
+            results.take(key, points[-1], tuned.ema, schedule, data, args.t, last=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -325,3 +325,5 @@ def test_uniform_mask_gap_compares_the_model_with_its_masks_made_uniform():
     assert out["gap"] == pytest.approx(flat / own - 1, rel=1e-3, abs=1e-6)
     with pytest.raises(ValueError, match="masks must have shape"):
         model(xt, tt, masks=torch.full((5, 3, 8, 8), 1 / 3))
+    with pytest.raises(ValueError, match="noise must have x0's shape"):
+        uniform_mask_gap(model, schedule, x0, 20, noise=noise[:4])
