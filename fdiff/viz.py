@@ -8,6 +8,7 @@ live kernel. Chapters show both.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -20,6 +21,7 @@ __all__ = [
     "to_numpy_image",
     "show_images",
     "animate_frames",
+    "self_contained_player",
     "frame_slider",
     "loss_curve",
     "study_curves",
@@ -135,6 +137,29 @@ def animate_frames(
     anim = animation.FuncAnimation(fig, update, frames=len(grids), interval=interval, blit=False)
     html = anim.to_jshtml(default_mode="once")
     plt.close(fig)
+    return self_contained_player(html)
+
+
+# matplotlib's player draws its buttons with an icon font it loads from a CDN; these characters
+# need nothing, so the animation works offline (the buttons keep their titles).
+_PLAYER_ICONS = {
+    "fa fa-minus": "\u2212", "fa fa-plus": "+",
+    "fa fa-fast-backward": "\u23ee", "fa fa-fast-forward": "\u23ed",
+    "fa fa-step-backward": "\u25c1", "fa fa-step-forward": "\u25b7",
+    "fa fa-play fa-flip-horizontal": "\u25c0", "fa fa-play": "\u25b6",
+    "fa fa-pause": "\u275a\u275a",
+}
+
+
+def self_contained_player(html: str) -> str:
+    """Return matplotlib's HTML animation player without its one external file (an icon font's
+    stylesheet): each icon becomes a plain character."""
+    html = re.sub(r"<link[^>]*font-awesome[^>]*>", "", html)
+    for icon, char in _PLAYER_ICONS.items():
+        html = html.replace(f'<i class="{icon}"></i>', char)
+    if "fa fa-" in html or "://" in re.sub(r"data:[^\"']*", "", html):
+        raise RuntimeError("matplotlib's animation player changed: it holds an icon or an "
+                           "external link this function does not replace")
     return html
 
 

@@ -40,6 +40,10 @@ def test_animation_is_scrubbable_html():
     frames = [torch.rand(2, 3, 4, 4) * 2 - 1 for _ in range(3)]
     html = animate_frames(frames, labels=["a", "b", "c"])
     assert 'class="animation"' in html and html.count("data:image/png") >= 3
+    # Self-contained: matplotlib's icon-font stylesheet (a CDN link) is gone, its icons are
+    # characters, and every button is still there.
+    assert "font-awesome" not in html and 'class="fa' not in html and "https://" not in html
+    assert html.count("<button") == 9 and "\u25b6" in html
     with pytest.raises(ValueError, match="labels"):
         animate_frames(frames, labels=["a"])
     with pytest.raises(ValueError, match="at least one frame"):
