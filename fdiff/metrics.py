@@ -271,7 +271,9 @@ def border_foreground(pred: Tensor) -> Tensor:
 
     In each image the foreground is the region that holds the smallest share of the image's
     frame (its outermost pixels), ties going to the smaller region: an object is framed by its
-    background, so the background touches the border more. Returns (B, H, W) int64 in {0, 1}.
+    background, so the background touches the border more. An image whose partition is a single
+    region holds all of its frame in that region: it is all background, and its foreground is
+    empty (the partition found no figure there). Returns (B, H, W) int64 in {0, 1}.
     """
     if pred.ndim != 3 or pred.is_floating_point():
         raise ValueError(f"pred must be an integer label map (B, H, W), got {tuple(pred.shape)}")
@@ -284,7 +286,9 @@ def border_foreground(pred: Tensor) -> Tensor:
     # Rank by frame share, then area; regions absent from an image cannot be its foreground.
     score = torch.where(present, on_frame * 2 + area, torch.full_like(area, float("inf")))
     chosen = score.argmin(1)
-    return (pred == chosen[:, None, None]).long()
+    figure = (pred == chosen[:, None, None]).long()
+    figure[present.sum(1) < 2] = 0  # one region: no figure
+    return figure
 
 
 def edge_strength(images: Tensor) -> Tensor:

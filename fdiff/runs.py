@@ -187,10 +187,10 @@ RUNS: dict[str, RunEntry] = {
         f"the emergence study on {w}", "factorized", w,
         changes={"model.unet.padding_mode": "replicate"},
         per_profile=_STUDY_BUDGET)
-       for w in ("object", "objects", "object-shared", "object-flat")},
-    "emergence_object-flat-narrow": RunEntry(
-        "the emergence study on object-flat, with the narrow mask generator", "factorized",
-        "object-flat", changes={"model.unet.padding_mode": "replicate", **_NARROW},
+       for w in ("object", "objects", "object-shared", "object-flat", "simple-shapes")},
+    "emergence_simple-shapes-narrow": RunEntry(
+        "the emergence study on simple-shapes, with the narrow mask generator", "factorized",
+        "simple-shapes", changes={"model.unet.padding_mode": "replicate", **_NARROW},
         per_profile=_STUDY_BUDGET),
     "ablation_k2": _ablation("the reference, K = 2"),
     "ablation_k3": _ablation("K = 3", num_regions=3),

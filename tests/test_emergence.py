@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 from fdiff.configs import masks_from_json
 
@@ -29,7 +32,7 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
     for w in emergence.STUDY:
         curve = results["worlds"][w]
         assert curve["steps"] == points
-        assert all(0 <= v <= 1 for v in curve["iou"] + curve["largest"])
+        assert all(0 <= v <= 1 for v in curve["iou"] + curve["iou_best"] + curve["largest"])
         diagnostics = results["diagnostics"][w]
         assert set(diagnostics) == {"edge_corr", "fg_corr", "examples"}
         examples = masks_from_json(diagnostics["examples"])
@@ -48,7 +51,40 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
 def test_points_are_kept_in_step_order_whatever_order_they_arrive_in(tmp_path):
     results = emergence.Results(tmp_path / "r.json", {"profile": "ci"})
     for step in (4, 1, 2):
-        results.record("w", step, {"iou": step / 10, "gap": 0.0, "largest": 1.0})
+        results.record("w", step, {"iou": step / 10, "iou_best": 0.5, "gap": 0.0,
+                                   "largest": 1.0})
     curve = json.loads((tmp_path / "r.json").read_text())["worlds"]["w"]
     assert curve["steps"] == [1, 2, 4] and curve["iou"] == [0.1, 0.2, 0.4]
     assert results.has("w", 2) and not results.has("w", 3)
+
+
+class _OneRegion(torch.nn.Module):
+    """A stand-in factorized model whose partition puts every pixel in region 0."""
+
+    num_timesteps = 1000
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(num_regions=2)
+
+    def forward(self, xt, t, return_masks=False, masks=None, **_):
+        if masks is None:
+            masks = torch.zeros(xt.shape[0], 2, *xt.shape[-2:])
+            masks[:, 0] = 1
+        eps = torch.zeros_like(xt)
+        return (eps, masks) if return_masks else eps
+
+
+def test_a_partition_of_one_region_finds_no_figure():
+    """The label-free rule reads a one-region partition as all background: IoU 0, and never the
+    complement of its figure, whatever the labels would prefer."""
+    from fdiff.schedules import NoiseSchedule
+    from fdiff.worlds import world
+
+    data = world("simple-shapes", 6, 16, split="test")
+    point, _ = emergence.measure(_OneRegion(), NoiseSchedule(), data, t=10)
+    assert point["iou"] == 0 and point["largest"] == 1
+    # The best region per image is the whole image: its IoU is the object's share of it.
+    fg = data.batch(range(6))["mask"].float().flatten(1).mean(1)
+    assert abs(point["iou_best"] - fg.mean().item()) < 1e-3

@@ -241,6 +241,10 @@ def test_border_foreground_takes_the_region_that_holds_less_of_the_frame():
     area = [(pred[2] == j).float().mean() for j in (0, 1)]
     smaller = int(torch.tensor(area).argmin())
     assert on_frame[0] == on_frame[1] and torch.equal(out[2], (pred[2] == smaller).long())
+    # A partition of one region found no figure: its image is all background, whatever the label.
+    one = torch.full((2, 6, 6), 1, dtype=torch.int64)
+    one[1] = 0
+    assert border_foreground(one).sum() == 0
     with pytest.raises(ValueError, match="integer label map"):
         border_foreground(pred.float())
 
