@@ -42,6 +42,7 @@ from .configs import canonical, change, to_json
 from .data import DATASET_NAMES, stack_images, training_data
 from .datasets import load_dataset
 from .factorized import FactorizedConfig, FactorizedDenoiser, partition_probe
+from .hub import fetch_published
 from .profiles import Profile, get_profile
 from .schedules import ScheduleConfig
 from .seeding import init_module, make_generator
@@ -295,9 +296,12 @@ def load_run(
     progress: bool = True,
     root=None,
     download: bool = False,
+    train: bool = True,
 ):
     """Return (model, metadata) of the run ``name``: the committed checkpoint when its run is
-    this one, else a cached self-trained one, else train it now (resumable) and cache it.
+    this one, else a cached one, else published weights of this run, downloaded into the cache
+    (:mod:`fdiff.hub`), else train it now (resumable) and cache it; ``train=False`` raises a
+    FileNotFoundError instead of training.
 
     The model is in eval mode on ``device`` (default: a GPU if there is one). ``dataset``: the
     same run on another dataset; ``changes``: fields to change, ``{"steps": 2000}`` (an
@@ -318,8 +322,15 @@ def load_run(
     path, resume = run_paths(name, run)
     if not path.exists():
         ensure_writable(path.parent)
-        ensure_writable(resume.parent)
-        ema, extra, tensors = train_run(run, resume, progress, root, download)
-        save_model(path, ema, extra=extra, tensors=tensors)
+        if fetch_published(name, run.digest(), path, progress) is None:
+            where = f"{name!r} ({run.train.steps} steps, run {run.digest()})"
+            if not train:
+                raise FileNotFoundError(
+                    f"no weights for {where}: none committed, published or in {path.parent}. "
+                    f"Train them with load_run({name!r}, train=True)")
+            print(f"no published weights for {where}: training it now; it resumes if stopped")
+            ensure_writable(resume.parent)
+            ema, extra, tensors = train_run(run, resume, progress, root, download)
+            save_model(path, ema, extra=extra, tensors=tensors)
     model, meta = load_model(path)
     return model.to(device), meta
