@@ -1,4 +1,5 @@
-"""The training loop: the denoising loss, AdamW, EMA, gradient clipping, bf16, exact resume.
+"""The training loop: the denoising loss, AdamW, EMA, gradient clipping, bf16 or fp16 autocast,
+exact resume.
 
 Every random draw of step ``s`` (which images, which t, which noise, the model's own draws such
 as the factorized model's mask noise) comes from ``make_generator(seed, s)``. A run that is
@@ -61,7 +62,9 @@ class TrainConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    precision: str = "auto"  # "auto": bf16 autocast on GPUs that support it, else fp32
+    # "auto": bf16 autocast on GPUs with native bf16, fp16 with a gradient scaler on older
+    # GPUs (Colab's T4), fp32 on a CPU; or one of "bf16", "fp16", "fp32".
+    precision: str = "auto"
     seed: int = 0
     min_snr_gamma: float = 0.0
 
@@ -72,8 +75,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32', got "
+                             f"{self.precision!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.lr > 0:
@@ -125,17 +129,23 @@ def denoising_loss(
     return (per_image * snr.clamp(max=min_snr_gamma) / snr).mean()
 
 
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    # "auto" uses bf16 on GPUs only. Whether it pays on a CPU depends on the CPU and on the
-    # memory layout: on this book's 2-core AVX-512 machine, bf16 trained the cpu profile's U-Net
-    # 1.5x slower than fp32 in the default layout, but 1.4x faster in channels-last layout, and
-    # the factorized model 1.4x faster (benchmarks/train_throughput.py, factorized_overhead.py).
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a training step on ``device`` uses (None: fp32)."""
+    # "auto" uses reduced precision on GPUs only. Whether bf16 pays on a CPU depends on the CPU
+    # and on the memory layout: on this book's 2-core AVX-512 machine, bf16 trained the cpu
+    # profile's U-Net 1.5x slower than fp32 in the default layout, but 1.4x faster in
+    # channels-last layout, and the factorized model 1.4x faster (benchmarks/train_throughput.py,
+    # factorized_overhead.py).
     # CPUs without native bf16 emulate it slowly, so on a CPU it is asked for with "bf16".
     if precision != "auto":
-        return precision == "bf16"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    if device.type != "cuda":
+        return None
     # Native bf16 arithmetic starts with compute capability 8 (Ampere); older GPUs such as
-    # Colab's T4 report bf16 as supported because they can emulate it, slowly.
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    # Colab's T4 report bf16 as supported because they can emulate it, slowly. They have fast
+    # fp16 instead, whose narrow range needs a gradient scaler.
+    native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def _draw_batch(dataset, batch_size: int, gen: torch.Generator) -> Tensor:
@@ -152,8 +162,9 @@ def _channels_last(x: Tensor, device: torch.device) -> Tensor:
 class _State:
     """Everything a resume file holds: weights, EMA, optimizer, losses, snapshots, counters."""
 
-    def __init__(self, result: TrainResult, opt: torch.optim.Optimizer, config: TrainConfig):
-        self.result, self.opt, self.config = result, opt, config
+    def __init__(self, result: TrainResult, opt: torch.optim.Optimizer, config: TrainConfig,
+                 scaler: torch.amp.GradScaler | None = None):
+        self.result, self.opt, self.config, self.scaler = result, opt, config, scaler
 
     def save(self, path: Path) -> None:
         r = self.result
@@ -172,6 +183,8 @@ class _State:
             "train_config": dataclasses.asdict(self.config),
             "param_groups": state["param_groups"],
         }
+        if self.scaler is not None:
+            meta["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(path, tensors, meta)
 
     def load(self, path: Path) -> None:
@@ -201,6 +214,8 @@ class _State:
         r.snapshot_steps = list(meta.get("snapshot_steps", []))
         if "snapshots" in tensors:
             r.snapshots = list(tensors["snapshots"].unbind(0))
+        if self.scaler is not None and "grad_scaler" in meta:
+            self.scaler.load_state_dict(meta["grad_scaler"])
 
 
 def train(
@@ -300,7 +315,10 @@ def _train(model, schedule, dataset, config, path, progress, callback, snapshot,
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     result = TrainResult(model=model, ema=ema)
-    state = _State(result, opt, config)
+    dtype = autocast_dtype(config.precision, device)
+    # fp16 gradients underflow without scaling; the scaler's state is part of the resume file.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    state = _State(result, opt, config, scaler)
     if path is not None and path.exists():
         state.load(path)
         if result.step > config.steps:
@@ -309,7 +327,6 @@ def _train(model, schedule, dataset, config, path, progress, callback, snapshot,
                 f"asked for: ask for at least {result.step} steps, or delete the file to start "
                 f"afresh"
             )
-    bf16 = _use_bf16(config.precision, device)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     model.train()
     bar = tqdm(total=config.steps, initial=result.step, disable=not progress, desc="training")
@@ -342,17 +359,24 @@ def _train(model, schedule, dataset, config, path, progress, callback, snapshot,
             lr = config.lr * min(1.0, (result.step + 1) / max(1, config.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
                 loss = denoising_loss(model, schedule, x0, t, eps, config.min_snr_gamma, gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {result.step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradients
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             loss_value = loss.item()
             updating = True  # an interruption from here on would leave a half-updated state
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:  # skips the step if the scaled gradients overflowed, then adapts the scale
+                scaler.step(opt)
+                scaler.update()
             # EMA with a warm-up so that short runs still average over their later steps.
             decay = min(config.ema_decay, (1 + result.step) / (10 + result.step))
             with torch.no_grad():

@@ -1,8 +1,10 @@
 import dataclasses
+import math
 
 import pytest
 import torch
 
+from fdiff.checkpoints import load_checkpoint
 from fdiff.schedules import NoiseSchedule
 from fdiff.train import TrainConfig, denoising_loss, train
 from fdiff.unet import UNet, UNetConfig
@@ -79,7 +81,7 @@ def _noisy_masks_model(seed=0):
 
 
 # The factorized model's mask noise is a draw the model makes, from the step's generator.
-@pytest.mark.parametrize("precision,make", [("fp32", _model), ("bf16", _model),
+@pytest.mark.parametrize("precision,make", [("fp32", _model), ("bf16", _model), ("fp16", _model),
                                             ("fp32", _noisy_masks_model)])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, precision, make):
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, precision=precision)
@@ -193,7 +195,7 @@ def test_same_seed_same_training():
 
 def test_bad_train_config():
     with pytest.raises(ValueError, match="precision"):
-        TrainConfig(steps=1, batch_size=1, precision="fp16")
+        TrainConfig(steps=1, batch_size=1, precision="fp8")
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         TrainConfig(steps=0, batch_size=1)
     with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
@@ -250,14 +252,27 @@ def test_the_min_snr_setting_reaches_the_training_loss(monkeypatch):
     assert seen == [5.0, 5.0]
 
 
-@pytest.mark.parametrize("capability,expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_auto_precision_uses_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability,
-                                                               expected):
-    from fdiff.train import _use_bf16
 
+def test_auto_precision_is_bf16_on_new_gpus_fp16_with_a_scaler_on_older_ones(monkeypatch):
+    from fdiff.train import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp16", cpu) == torch.float16 and autocast_dtype("fp32", cuda) is None
     # A T4 (7.5) emulates bf16 slowly, although torch.cuda.is_bf16_supported() says True.
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert _use_bf16("auto", torch.device("cuda")) is expected
-    assert _use_bf16("auto", torch.device("cpu")) is False
-    assert _use_bf16("bf16", torch.device("cpu")) is True
+    for capability, expected in (((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: c)
+        assert autocast_dtype("auto", cuda) == expected
+
+
+def test_fp16_training_scales_its_gradients_and_resumes_the_scale(tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=1, precision="fp16")
+    ckpt = tmp_path / "run.safetensors"
+    res = train(_model(), NoiseSchedule("linear", 100), Images(), cfg, checkpoint=ckpt,
+                progress=False)
+    assert all(math.isfinite(v) for v in res.losses)
+    _, meta = load_checkpoint(ckpt)
+    assert meta["grad_scaler"]["scale"] > 0
