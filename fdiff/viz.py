@@ -30,6 +30,7 @@ __all__ = [
     "partition_explorer",
     "pca_rgb",
     "glue",
+    "show_source",
 ]
 
 
@@ -372,3 +373,35 @@ def glue(name: str, value, display: bool = False) -> None:
     except ImportError:
         return
     myst_glue(name, value, display=display)
+
+
+class SourceCode:
+    """Python source that notebooks display highlighted (inline styles, so nothing leaks into
+    the page's other code) and that reads as plain text anywhere else."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __repr__(self) -> str:
+        return self.source
+
+    def _repr_html_(self) -> str:
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+
+        return highlight(self.source, PythonLexer(), HtmlFormatter(noclasses=True))
+
+
+def show_source(obj) -> SourceCode:
+    """Return the source of a function, class or method of fdiff (or of anything Python can
+    find the source of), for a notebook to display highlighted: the code a chapter discusses,
+    read from the package itself, so that the text and the code cannot drift apart."""
+    import inspect
+    import textwrap
+
+    try:
+        source = inspect.getsource(obj)
+    except (TypeError, OSError) as err:
+        raise TypeError(f"cannot show the source of {obj!r}: {err}") from None
+    return SourceCode(textwrap.dedent(source))

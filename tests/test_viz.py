@@ -139,3 +139,19 @@ def test_study_curves_draws_one_line_per_run_and_dashes_transfers():
     assert list(right.lines[1].get_ydata()) == [0.3, 0.2]
     assert left.get_ylabel() == "IoU" and right.get_ylabel() == "gap"
     plt.close(fig)
+
+
+def test_show_source_displays_the_packages_own_code():
+    import inspect
+
+    from fdiff.unet import UNet
+    from fdiff.viz import show_source
+
+    shown = show_source(UNet.forward)
+    # The method alone, dedented out of its class.
+    assert repr(shown).startswith("def forward(") and "class UNet" not in repr(shown)
+    assert repr(shown).strip().splitlines()[-1] in inspect.getsource(UNet)
+    html = shown._repr_html_()
+    assert "<style" not in html and "style=" in html and "forward" in html
+    with pytest.raises(TypeError, match="cannot show the source"):
+        show_source(3)
