@@ -17,7 +17,8 @@ from .factorized import FactorizedDenoiser
 from .profiles import model_device
 from .seeding import make_generator, randn
 
-__all__ = ["segment", "segment_dataset", "generate_with_masks", "uniform_mask_gap"]
+__all__ = ["segment", "segment_dataset", "generate_with_masks", "uniform_mask_gap",
+           "single_region_gap"]
 
 
 @torch.no_grad()
@@ -108,32 +109,73 @@ def generate_with_masks(
     return last.xt.clamp(-1, 1), masks.to(last.xt.device)
 
 
-@torch.no_grad()
-def uniform_mask_gap(model: FactorizedDenoiser, schedule, x0: Tensor, t: int,
-                     noise: Tensor | None = None, batch_size: int = 64) -> dict[str, float]:
-    """Measure what the learned partition is worth to the denoiser at step ``t``.
-
-    Noises ``x0`` (N, C, H, W) in [-1, 1] to ``t`` (with ``noise``, default seed 0) and returns
-    the denoising loss with the model's own masks (``loss``), with every mask replaced by the
-    uniform 1/K (``uniform_loss``), and the relative increase ``gap = uniform / own - 1``. With
-    uniform masks every region's decoder run sees the same input, so the model is an ordinary
-    U-Net: a gap near 0 says the partition does not help the denoising; a large one that it
-    carries it.
-    """
+def _losses_with_masks(model, schedule, x0: Tensor, t: int, noise: Tensor | None,
+                       batch_size: int, replacements: dict) -> dict[str, float]:
+    """The mean denoising loss of ``x0`` noised to ``t`` with the model's own masks (``"own"``)
+    and with each replacement: ``name -> fn(n, K, H, W, device)`` giving (n, K, H, W) masks."""
     t = check_t(t, schedule)
     if noise is None:
         noise = randn(x0.shape, make_generator(0))
     elif noise.shape != x0.shape:
         raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
     device = model_device(model)
-    own = uniform = 0.0
+    k = model.config.num_regions
+    totals = dict.fromkeys(["own", *replacements], 0.0)
     for s in range(0, len(x0), batch_size):
         x, e = x0[s:s + batch_size].to(device), noise[s:s + batch_size].to(device)
         tt = torch.full((len(x),), t, dtype=torch.int64, device=device)
         xt = schedule.add_noise(x, e, tt)
-        flat = torch.full((len(x), model.config.num_regions, *x.shape[-2:]),
-                          1 / model.config.num_regions, device=device)
-        own += (model(xt, tt).float() - e).pow(2).sum().item()
-        uniform += (model(xt, tt, masks=flat).float() - e).pow(2).sum().item()
-    return {"loss": own / noise.numel(), "uniform_loss": uniform / noise.numel(),
-            "gap": uniform / own - 1}
+        totals["own"] += (model(xt, tt).float() - e).pow(2).sum().item()
+        for name, make in replacements.items():
+            masks = make(len(x), k, *x.shape[-2:], device)
+            totals[name] += (model(xt, tt, masks=masks).float() - e).pow(2).sum().item()
+    return {name: total / noise.numel() for name, total in totals.items()}
+
+
+@torch.no_grad()
+def uniform_mask_gap(model: FactorizedDenoiser, schedule, x0: Tensor, t: int,
+                     noise: Tensor | None = None, batch_size: int = 64) -> dict[str, float]:
+    """Measure what the learned masks are worth to the denoiser at step ``t``, against uniform
+    masks.
+
+    Noises ``x0`` (N, C, H, W) in [-1, 1] to ``t`` (with ``noise``, default seed 0) and returns
+    the denoising loss with the model's own masks (``loss``), with every mask replaced by the
+    uniform 1/K (``uniform_loss``), and the relative increase ``gap = uniform / own - 1``. With
+    uniform masks every region's decoder run sees the same input, the skips scaled by 1/K: a gap
+    near 0 says the masks do not help the denoising. A large gap does not prove a partition,
+    though: a collapsed model (one region everywhere) also loses when its skips are scaled
+    down; :func:`single_region_gap` compares with one region instead.
+    """
+    def uniform(n, k, h, w, device):
+        return torch.full((n, k, h, w), 1 / k, device=device)
+
+    losses = _losses_with_masks(model, schedule, x0, t, noise, batch_size, {"uniform": uniform})
+    return {"loss": losses["own"], "uniform_loss": losses["uniform"],
+            "gap": losses["uniform"] / losses["own"] - 1}
+
+
+@torch.no_grad()
+def single_region_gap(model: FactorizedDenoiser, schedule, x0: Tensor, t: int,
+                      noise: Tensor | None = None, batch_size: int = 64) -> dict[str, float]:
+    """Measure what the partition is worth against no partition at all: the loss rise when one
+    region takes every pixel (the best of the K choices, ``region``).
+
+    Same arguments as :func:`uniform_mask_gap`. Returns ``loss`` (own masks), ``single_loss``
+    and ``gap = single / own - 1``. One region with mask 1 gives its decoder run the full skips:
+    the model is then exactly a plain U-Net. A gap near 0 says the model is that U-Net (it has
+    collapsed, whatever its soft masks look like); a positive gap, that splitting the image
+    helps the denoising.
+    """
+    def one(j):
+        def make(n, k, h, w, device):
+            masks = torch.zeros(n, k, h, w, device=device)
+            masks[:, j] = 1
+            return masks
+        return make
+
+    k = model.config.num_regions
+    losses = _losses_with_masks(model, schedule, x0, t, noise, batch_size,
+                                {j: one(j) for j in range(k)})
+    region = min(range(k), key=lambda j: losses[j])
+    return {"loss": losses["own"], "single_loss": losses[region], "region": region,
+            "gap": losses[region] / losses["own"] - 1}

@@ -10,14 +10,17 @@ its budget, measures on that world's held-out scenes:
 - ``iou_best``: the same with the better region in each image, chosen by looking at its labels:
   how much of the object the partition holds at all, whatever rule reads it;
 - ``gap``: the uniform-mask gap, how much the denoising loss rises when the masks are replaced
-  by 1/K (:func:`fdiff.segmentation.uniform_mask_gap`): what the partition is worth to the model;
+  by 1/K (:func:`fdiff.segmentation.uniform_mask_gap`): what the masks are worth to the model
+  (a collapsed model loses too, since uniform masks scale its skips down);
 - ``largest``: the largest region's mean share of the image (1 when the partition has collapsed
   into one region).
 
 At the end of each training it also records what the soft masks follow: the Pearson correlation,
 pixel by pixel, of the smaller region's mask with the image's edges
-(:func:`fdiff.metrics.edge_strength`) and with the true foreground, and that mask on the first
-few test scenes (``diagnostics``).
+(:func:`fdiff.metrics.edge_strength`) and with the true foreground, that mask on the first few
+test scenes, and the single-region gap: the loss rise when one region takes every pixel, what
+the partition is worth against none (``diagnostics``). A study file whose diagnostics lack one
+of these gets them on the next run, from the trained models, without training.
 
 A fidelity check rides along: the simplest world trained again with the first runs' mask
 generator (half the width, no attention) beside the paper's (``simple-shapes, narrow mask
@@ -58,7 +61,7 @@ from fdiff.metrics import (
 from fdiff.profiles import default_device
 from fdiff.runs import cache_dir, load_run, resolve_run, run_paths, train_run
 from fdiff.seeding import make_generator, randn
-from fdiff.segmentation import segment_dataset, uniform_mask_gap
+from fdiff.segmentation import segment_dataset, single_region_gap, uniform_mask_gap
 from fdiff.train import train
 from fdiff.worlds import world
 
@@ -76,13 +79,16 @@ STUDY = {**{w: f"emergence_{w}" for w in WORLDS},
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # the budget points, as fractions of the study's budget
 KEYS = ("iou", "iou_best", "gap", "largest")
 EXAMPLES = 8  # test scenes whose final masks the results keep
+DIAGNOSTICS = ("edge_corr", "fg_corr", "single_gap", "examples")
 
 
 def measure(model, schedule, data, t: int, seed: int = 0, diagnose: bool = False):
     """The study's three numbers for ``model`` on the scenes ``data``, segmenting at step t;
     with ``diagnose`` also what the smaller region's soft mask follows (its correlation with the
-    image's edges and with the true foreground, mean over images) and that mask on the first
-    few scenes. Returns (point, diagnostics or None)."""
+    image's edges and with the true foreground, mean over images), that mask on the first few
+    scenes, and the single-region gap (:func:`fdiff.segmentation.single_region_gap`: what the
+    partition is worth against none; near 0 for a collapsed model).
+    Returns (point, diagnostics or None)."""
     was_training = model.training
     model.eval()
     masks = segment_dataset(model, schedule, data, t, seed=seed, progress=False)
@@ -102,8 +108,10 @@ def measure(model, schedule, data, t: int, seed: int = 0, diagnose: bool = False
         return point, None
     smaller = masks.flatten(2).mean(2).argmin(1)  # per image, the region with less mass
     m = masks[torch.arange(len(masks)), smaller]
+    single = single_region_gap(model, schedule, images, t, noise=noise)["gap"]
     return point, {"edge_corr": round(pixel_correlation(m, edge_strength(images)), 4),
                    "fg_corr": round(pixel_correlation(m, truth.float()), 4),
+                   "single_gap": round(single, 4),
                    # The first few scenes' masks, in 1/255 steps, for the chapter to show.
                    "examples": masks_to_json(m[:EXAMPLES])}
 
@@ -145,10 +153,12 @@ class Results:
     def diagnose(self, key: str, values: dict) -> None:
         self._update(lambda data: data.setdefault("diagnostics", {}).__setitem__(key, values))
         print(f"{key:22s} the smaller region's mask correlates {values['edge_corr']:+.3f} with "
-              f"edges, {values['fg_corr']:+.3f} with the foreground", flush=True)
+              f"edges, {values['fg_corr']:+.3f} with the foreground; one region for all pixels "
+              f"raises the loss by {values['single_gap']:+.3f}", flush=True)
 
     def diagnosed(self, key: str) -> bool:
-        return key in self._read().get("diagnostics", {})
+        found = self._read().get("diagnostics", {}).get(key, {})
+        return all(name in found for name in DIAGNOSTICS)
 
     def has(self, key: str, step: int) -> bool:
         return step in self._read().get("worlds", {}).get(key, {}).get("steps", [])

@@ -34,7 +34,7 @@ def test_the_study_records_each_world_at_each_point_and_resumes_without_work(
         assert curve["steps"] == points
         assert all(0 <= v <= 1 for v in curve["iou"] + curve["iou_best"] + curve["largest"])
         diagnostics = results["diagnostics"][w]
-        assert set(diagnostics) == {"edge_corr", "fg_corr", "examples"}
+        assert set(diagnostics) == set(emergence.DIAGNOSTICS)
         examples = masks_from_json(diagnostics["examples"])
         assert examples.shape == (emergence.EXAMPLES, 16, 16)  # the ci profile's image size
         assert 0 <= examples.min() and examples.max() <= 1

@@ -327,3 +327,34 @@ def test_uniform_mask_gap_compares_the_model_with_its_masks_made_uniform():
         model(xt, tt, masks=torch.full((5, 3, 8, 8), 1 / 3))
     with pytest.raises(ValueError, match="noise must have x0's shape"):
         uniform_mask_gap(model, schedule, x0, 20, noise=noise[:4])
+
+
+def test_single_region_gap_is_zero_for_a_collapsed_model_whose_uniform_gap_is_not():
+    """One region holding every pixel makes the model a plain U-Net run on the full skips; for
+    a model that has collapsed into one region, that is what it already is."""
+    from fdiff.segmentation import single_region_gap, uniform_mask_gap
+
+    model = _model(2, seed=3).eval()
+    schedule = NoiseSchedule("cosine", 100)
+    x0 = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    tt = torch.full((5,), 20)
+    xt = schedule.add_noise(x0, noise, tt)
+    with torch.no_grad():  # the plain decoder run on the full skips
+        emb = model.time_embed(tt)
+        skips = model.encoder(xt, emb)
+        plain = model.decoder(model.middle(skips[-1], emb), skips, emb)
+    plain_loss = (plain - noise).pow(2).mean().item()
+    out = single_region_gap(model, schedule, x0, 20, noise=noise, batch_size=2)
+    assert out["single_loss"] == pytest.approx(plain_loss, rel=1e-4)  # either region: the same
+    # Collapse the model: its mask generator gives region 1 every pixel.
+    def collapsed(h, skips, emb, generator=None):
+        m = torch.zeros(h.shape[0], 2, *x0.shape[-2:])
+        m[:, 1] = 1
+        return m
+
+    model.masks = collapsed
+    out = single_region_gap(model, schedule, x0, 20, noise=noise)
+    assert out["gap"] == pytest.approx(0, abs=1e-5)
+    uniform = uniform_mask_gap(model, schedule, x0, 20, noise=noise)["gap"]
+    assert abs(uniform) > 1e-3  # halving the skips costs even a model without a partition
