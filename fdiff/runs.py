@@ -137,8 +137,10 @@ class RunEntry:
     per_profile: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-# The mask generator of the first factorized runs: half the U-Net's width, no attention.
+# The mask generator of the first factorized runs, the default: half the U-Net's width, no
+# attention; and the paper's, the second half of a standard U-Net.
 _NARROW = {"model.mask_width": 0.5, "model.mask_attention": False}
+_PAPER_MASKS = {"model.mask_width": 1.0, "model.mask_attention": True}
 
 
 def _ablation(about: str, **changes: Any) -> RunEntry:
@@ -186,7 +188,7 @@ RUNS: dict[str, RunEntry] = {
     # change one of its factors, trained for a short budget and measured along the way.
     **{f"emergence_{w}": RunEntry(
         f"the emergence study on {w}", "factorized", w,
-        changes={"model.unet.padding_mode": "replicate"},
+        changes={"model.unet.padding_mode": "replicate", **_PAPER_MASKS},
         per_profile=_STUDY_BUDGET)
        for w in ("object", "objects", "object-shared", "object-flat", "simple-shapes")},
     "emergence_simple-shapes-narrow": RunEntry(

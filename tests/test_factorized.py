@@ -269,17 +269,17 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_the_mask_generator_is_a_decoder_half_at_a_chosen_width():
-    # By default it is the second half of a standard U-Net: the U-Net's widths and attention.
-    full = FactorizedConfig(UCFG)
+    # The paper's is the second half of a standard U-Net: the U-Net's widths and attention.
+    full = FactorizedConfig(UCFG, mask_width=1.0, mask_attention=True)
     assert full.mask_config() == dataclasses.replace(UCFG, out_channels=2)
     model = factorized_denoiser(full)
     assert sum(p.numel() for p in model.mask_generator.parameters()) > sum(
         p.numel() for p in model.decoder.parameters()) * 0.9
     assert any(type(m).__name__ == "Attention" for m in model.mask_generator.modules())
-    # A narrower one, without attention (the earlier design): half of 24 is 12, which
-    # GroupNorm(8) cannot split, so it gets 16.
-    cfg = FactorizedConfig(UNetConfig(base_channels=24, channel_mults=(1, 2), num_heads=2),
-                           mask_width=0.5, mask_attention=False)
+    # The default is narrower, without attention: half of 24 is 12, which GroupNorm(8) cannot
+    # split, so it gets 16.
+    cfg = FactorizedConfig(UNetConfig(base_channels=24, channel_mults=(1, 2), num_heads=2))
+    assert (cfg.mask_width, cfg.mask_attention) == (0.5, False)
     assert cfg.mask_config().base_channels == 16 and cfg.mask_config().attn_levels == ()
     narrow = factorized_denoiser(cfg)
     assert not any(type(m).__name__ == "Attention" for m in narrow.mask_generator.modules())
