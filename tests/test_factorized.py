@@ -286,7 +286,7 @@ def test_the_mask_generator_is_a_decoder_half_at_a_chosen_width():
     # Attention at a width the heads cannot split is named.
     heads = UNetConfig(base_channels=32, channel_mults=(1, 2), num_heads=32)
     with pytest.raises(ValueError, match="mask_width=0.25 gives the mask generator the base"):
-        FactorizedConfig(heads, mask_width=0.25)
+        FactorizedConfig(heads, mask_width=0.25, mask_attention=True)
     narrow_heads = FactorizedConfig(heads, mask_width=0.25, mask_attention=False)
     assert narrow_heads.mask_config().num_heads == 1
 
