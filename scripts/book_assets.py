@@ -15,7 +15,8 @@ Two roles in one module:
   ``''`` as their file name, which do not compare equal; sphinx-thebe's ``const THEBE_JS_URL``
   then raises "Identifier 'THEBE_JS_URL' has already been declared" on every page. And it gives
   the theme a valid default colour mode (an empty one logs an error in the console), and
-  tells RequireJS where the widget manager's icon fonts are.
+  tells RequireJS where the widget manager's icon fonts are, and lets the widget manager's
+  MathJax 2 calls reach MathJax 3.
 """
 
 from __future__ import annotations
@@ -52,6 +53,22 @@ REQUIRE = "offline/requirejs/require.js"
 EMBED = "offline/html-manager/dist/embed-amd.js"
 EMBED_ID = "@jupyter-widgets/html-manager/dist"  # its modules' names, as RequireJS sees them
 STAMP = ASSETS / ".complete"
+# The widget manager typesets widget labels through MathJax 2's MathJax.Hub.Queue; the book
+# loads MathJax 3, which has no Hub ("Cannot read properties of undefined (reading 'Queue')").
+# This hands those requests to MathJax 3, once it has started.
+MATHJAX2_SHIM = """
+(function () {
+  var hub = {Queue: function () {
+    Array.prototype.forEach.call(arguments, function (job) {
+      var mj = window.MathJax;
+      if (!Array.isArray(job) || job[0] !== "Typeset" || !mj || !mj.startup) return;
+      mj.startup.promise.then(function () { return mj.typesetPromise([job[2]]); });
+    });
+  }};
+  function patch() { if (window.MathJax && !window.MathJax.Hub) window.MathJax.Hub = hub; }
+  document.addEventListener("DOMContentLoaded", patch);
+  window.addEventListener("load", patch);
+})();"""
 
 
 def _folder(spec: str) -> str:
@@ -127,7 +144,7 @@ def _page_scripts(app, pagename, templatename, context, doctree) -> None:
             # RequireJS resolves the manager's modules, and with them the files they load,
             # against the page's folder unless told where they are.
             where = context["pathto"](f"_static/{EMBED.rsplit('/', 1)[0]}", 1)
-            body = f'require.config({{paths: {{"{EMBED_ID}": "{where}"}}}});'
+            body = f'require.config({{paths: {{"{EMBED_ID}": "{where}"}}}});' + MATHJAX2_SHIM
             unique.insert(i, type(script)("", priority=script.priority, body=body))
             break
     scripts[:] = unique
