@@ -34,6 +34,17 @@ def toc_pages() -> list[str]:
     return re.findall(r"(?:root|file):\s*(\S+)", text)
 
 
+def _comes_true(page, condition: str, timeout_ms: int = 15_000) -> bool:
+    """Whether the JavaScript expression ``condition`` becomes true on the page in time."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"() => {condition}", timeout=timeout_ms)
+        return True
+    except PlaywrightTimeout:
+        return False
+
+
 def check_page(browser, html: Path, page_name: str) -> list[str]:
     """Return what is wrong with one built page."""
     problems: list[str] = []
@@ -59,24 +70,17 @@ def check_page(browser, html: Path, page_name: str) -> list[str]:
 
     # Equations: MathJax replaces the text of every math element by an mjx-container.
     n_math = page.locator(".math").count()
-    if n_math:
-        try:
-            page.wait_for_function(
-                "() => document.querySelectorAll('.math').length =="
-                " document.querySelectorAll('.math mjx-container').length", timeout=15_000)
-        except Exception:
-            typeset = page.locator(".math mjx-container").count()
-            problems.append(f"equations not typeset: {typeset} of {n_math}")
+    if n_math and not _comes_true(page, "document.querySelectorAll('.math').length == "
+                                        "document.querySelectorAll('.math mjx-container').length"):
+        typeset = page.locator(".math mjx-container").count()
+        problems.append(f"equations not typeset: {typeset} of {n_math}")
 
     # Widgets: the manager renders every saved view.
     views = page.locator("script[type='application/vnd.jupyter.widget-view+json']").count()
-    if views:
-        try:
-            page.wait_for_function(
-                "() => document.querySelectorAll('.jupyter-widgets.widget-container, "
-                ".jupyter-widgets.widget-inline-hbox').length > 0", timeout=15_000)
-        except Exception:
-            problems.append(f"{views} widget view(s) saved, none rendered")
+    if views and not _comes_true(page, "document.querySelectorAll('.jupyter-widgets"
+                                       ".widget-container, .jupyter-widgets"
+                                       ".widget-inline-hbox').length > 0"):
+        problems.append(f"{views} widget view(s) saved, none rendered")
 
     # Animations (matplotlib's HTML player): stepping changes the frame shown.
     buttons = page.locator("button[title='Next frame']")
