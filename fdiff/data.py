@@ -171,7 +171,8 @@ _FOREGROUND_NAMES = {"pets": "pet", "flowers": "flower"}
 
 def labelled_data(profile, dataset: str | None = None, root=None, download: bool = False):
     """Return the :class:`LabelledData` of a profile: by default the built-in shapes with their
-    six classes in ``ci`` and ``cpu``, and Oxford-IIIT Pets (background, pet) in ``gpu``.
+    six classes in ``ci`` and ``cpu``, and Oxford-IIIT Pets (background, pet) in ``gpu`` and
+    ``paper``.
 
     ``dataset`` (else ``$FDIFF_DATASET``) overrides the choice: a built-in world or a real
     dataset (:data:`DATASET_NAMES`). The real ones are read at the profile's resolution from
@@ -181,7 +182,7 @@ def labelled_data(profile, dataset: str | None = None, root=None, download: bool
     if dataset is None:
         dataset = os.environ.get(DATASET_ENV_VAR, "").strip().lower() or None
     if dataset is None:
-        dataset = "pets" if profile.name == "gpu" else "shapes"
+        dataset = "pets" if profile.real_data else "shapes"
     size = profile.image_size
     if dataset in WORLDS:
         train = world(dataset, profile.num_train_images, size, split="train")

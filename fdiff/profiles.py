@@ -1,4 +1,4 @@
-"""Run profiles: one code path, three scales (``ci``, ``cpu``, ``gpu``).
+"""Run profiles: one code path, four scales (``ci``, ``cpu``, ``gpu``, ``paper``).
 
 The profile is read from the environment variable ``FDIFF_PROFILE``. When it is unset the
 default is ``gpu`` if CUDA is available, else ``cpu``.
@@ -7,7 +7,11 @@ default is ``gpu`` if CUDA is available, else ``cpu``.
   mean nothing.
 - ``cpu``: the book's default. Small models on the built-in data at 32 px, loading committed
   checkpoints trained on a CPU with ``python -m fdiff.train``.
-- ``gpu``: 64 px, real datasets, paper-like budgets, bf16 autocast, checkpoint/resume.
+- ``gpu``: 64 px, real datasets, sized for one free Colab session: each chapter's training
+  fits in about 45 minutes of a T4 (:mod:`fdiff.budget` counts it; fp16 autocast with a gradient
+  scaler there, bf16 on newer GPUs), and published weights are used when there are any.
+- ``paper``: the ``gpu`` profile at paper-like scale (a deeper, wider U-Net, 50,000 steps of
+  128 images): hours of a large GPU per model. Only ever chosen explicitly.
 """
 
 from __future__ import annotations
@@ -48,13 +52,20 @@ class Profile:
     ddim_steps: int
     num_timesteps: int = 1000
 
+    @property
+    def real_data(self) -> bool:
+        """Whether the chapters run on a real dataset (Oxford-IIIT Pets) rather than the built-in
+        data: in the ``gpu`` and ``paper`` profiles."""
+        return self.name in ("gpu", "paper")
+
 
 # One row per profile, in the order of Profile's fields after its name:
 #         image  train     test  base  channel_mults  blocks steps   batch lr    samples ddim T
 _TABLE = {
     "ci":  (16,   256,     32,   16,   (1, 2),        1,     20,     16,   1e-3, 4,      10,  100),
     "cpu": (32,   50_000,  500,  32,   (1, 2, 2),     1,     3000,   64,   1e-3, 16,     50,  1000),
-    "gpu": (64,   200_000, 2000, 64,   (1, 2, 2, 4),  2,     50_000, 128,  2e-4, 64,     100, 1000),
+    "gpu": (64,   200_000, 2000, 64,   (1, 2, 2, 2),  1,     12_000, 64,   2e-4, 64,     100, 1000),
+    "paper": (64, 200_000, 2000, 64,   (1, 2, 2, 4),  2,     50_000, 128,  2e-4, 64,     100, 1000),
 }
 PROFILES: dict[str, Profile] = {name: Profile(name, *row) for name, row in _TABLE.items()}
 
@@ -71,7 +82,7 @@ def get_profile(name: str | None = None) -> Profile:
     if name not in PROFILES:
         raise ValueError(
             f"unknown profile {name!r}: expected one of {sorted(PROFILES)} "
-            f"(set {ENV_VAR}=ci|cpu|gpu)"
+            f"(set {ENV_VAR}=ci|cpu|gpu|paper)"
         )
     return PROFILES[name]
 

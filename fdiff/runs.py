@@ -144,8 +144,9 @@ _PAPER_MASKS = {"model.mask_width": 1.0, "model.mask_attention": True}
 
 
 def _ablation(about: str, **changes: Any) -> RunEntry:
-    # A sixth of the profile's budget each, as in chapter 3's table.
-    budget = {"ci": 3, "cpu": 500, "gpu": 8333}
+    # A sixth of the profile's budget each, as in chapter 3's table (a twentieth in gpu, where
+    # chapter 3 must train all of them within its share of a Colab session).
+    budget = {"ci": 3, "cpu": 500, "gpu": 600, "paper": 8333}
     return RunEntry(f"chapter 3's ablation: {about}", "factorized",
                     changes={**_NARROW, **{f"model.{k}": v for k, v in changes.items()}},
                     per_profile={p: {"train.steps": s} for p, s in budget.items()})
@@ -154,17 +155,20 @@ def _ablation(about: str, **changes: Any) -> RunEntry:
 _BF16 = {"train.precision": "bf16"}
 # The emergence study's budget: short, since it trains one run per world.
 _STUDY_BUDGET = {"ci": {"train.steps": 4}, "cpu": {**_BF16, "train.steps": 800},
-                 "gpu": {"train.steps": 5000}}
+                 "gpu": {"train.steps": 2000}, "paper": {"train.steps": 5000}}
 RUNS: dict[str, RunEntry] = {
     **{f"ddpm_{d}": RunEntry(f"the plain U-Net on {d}", "unet", d, per_profile={"cpu": _BF16})
        for d in DATASET_NAMES},
-    **{f"factorized_{d}": RunEntry(f"the factorized denoiser on {d}", "factorized", d)
+    **{f"factorized_{d}": RunEntry(f"the factorized denoiser on {d}", "factorized", d,
+                                   per_profile={"gpu": {"train.steps": 6000}})
        for d in DATASET_NAMES},
     "factorized_shapes": RunEntry("the factorized denoiser on shapes (narrow mask generator)",
-                                  "factorized", "shapes", changes=_NARROW),
+                                  "factorized", "shapes", changes=_NARROW,
+                                  per_profile={"gpu": {"train.steps": 6000}}),
     "ddpm_simple-shapes": RunEntry(
         "the plain U-Net on one flat shape per image (chapter 1)", "unet", "simple-shapes",
-        per_profile={"cpu": {**_BF16, "train.steps": 10_000}, "gpu": {"train.steps": 10_000}}),
+        per_profile={"cpu": {**_BF16, "train.steps": 10_000}, "gpu": {"train.steps": 10_000},
+                     "paper": {"train.steps": 10_000}}),
     "ddpm_shapes-long": RunEntry(
         "chapter 1's U-Net trained longer", per_profile={"cpu": {**_BF16, "train.steps": 10_000}}),
     "ddpm_shapes-minsnr": RunEntry(
@@ -179,11 +183,13 @@ RUNS: dict[str, RunEntry] = {
     "factorized_simple-shapes": RunEntry(
         "the factorized denoiser on one flat shape per image", "factorized", "simple-shapes",
         changes=_NARROW,
-        per_profile={"cpu": {**_BF16, "train.steps": 1000}, "gpu": {"train.steps": 5000}}),
+        per_profile={"cpu": {**_BF16, "train.steps": 1000}, "gpu": {"train.steps": 1000},
+                     "paper": {"train.steps": 5000}}),
     "factorized_simple-shapes-replicate": RunEntry(
         "the same with replicate padding", "factorized", "simple-shapes",
         changes={**_NARROW, "model.unet.padding_mode": "replicate"},
-        per_profile={"cpu": {**_BF16, "train.steps": 1000}, "gpu": {"train.steps": 5000}}),
+        per_profile={"cpu": {**_BF16, "train.steps": 1000}, "gpu": {"train.steps": 1000},
+                     "paper": {"train.steps": 5000}}),
     # The emergence study (scripts/emergence.py): the main world "object" and worlds that each
     # change one of its factors, trained for a short budget and measured along the way.
     **{f"emergence_{w}": RunEntry(
@@ -289,6 +295,15 @@ def train_run(run: Run, resume: Path, progress: bool = True, root=None, download
     return result.ema.cpu(), extra, tensors
 
 
+def _estimate(run: Run, device: torch.device) -> str:
+    """", about N minutes of a T4" for a run about to train on a GPU (fdiff.budget)."""
+    if device.type != "cuda":
+        return ""
+    from .budget import gpu_minutes, run_flops
+
+    return f", about {gpu_minutes(run_flops(run)):.0f} minutes of a T4"
+
+
 def load_run(
     name: str,
     profile: Profile | str | None = None,
@@ -330,7 +345,8 @@ def load_run(
                 raise FileNotFoundError(
                     f"no weights for {where}: none committed, published or in {path.parent}. "
                     f"Train them with load_run({name!r}, train=True)")
-            print(f"no published weights for {where}: training it now; it resumes if stopped")
+            print(f"no published weights for {where}: training it now{_estimate(run, device)}; "
+                  "it resumes if stopped")
             ensure_writable(resume.parent)
             ema, extra, tensors = train_run(run, resume, progress, root, download)
             save_model(path, ema, extra=extra, tensors=tensors)

@@ -365,14 +365,45 @@ def show_segmentations(
 def glue(name: str, value, display: bool = False) -> None:
     """Record a computed value for the book's prose (``{glue:text}`name```).
 
-    Returns nothing, so that a cell ending with ``glue(...)`` shows no stray output. Outside a
-    Jupyter Book build (no myst-nb installed, e.g. on Colab) it does nothing.
+    The value is also printed, with the others of the same cell, in one line at the end of the
+    cell ("in the text: name = value, ..."), so that a reader of the notebook outside the book
+    (Jupyter, Colab), where the prose shows the markup rather than the number, sees it. Returns
+    nothing, so that a cell ending with ``glue(...)`` shows no stray output. Outside a Jupyter
+    Book build (no myst-nb installed, e.g. on Colab) only the printed line remains.
     """
+    _print_at_cell_end(name, value)
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
         return
     myst_glue(name, value, display=display)
+
+
+_pending: list[str] = []
+_hooked: list[object] = []  # the IPython shell whose post_run_cell prints the pending values
+
+
+def _flush_pending(result=None) -> None:
+    import textwrap
+
+    if _pending:
+        line = "in the text: " + ", ".join(_pending)
+        _pending.clear()
+        print(textwrap.fill(line, width=100, subsequent_indent="  "))
+
+
+def _print_at_cell_end(name: str, value) -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:  # a script or a test: nothing to print into
+        return
+    if shell not in _hooked:
+        shell.events.register("post_run_cell", _flush_pending)
+        _hooked.append(shell)
+    _pending.append(f"{name} = {value}")
 
 
 class SourceCode:

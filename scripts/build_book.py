@@ -7,6 +7,12 @@ source (and of the profile) beside the cache and clears the cache when the hash 
     python scripts/build_book.py --profile cpu            # the book: _build/html
     python scripts/build_book.py --profile ci --strict    # CI: _build/ci/_build/html, -W
 
+Notebooks whose outputs are not in the execution cache are executed here first, one after the
+other, with the time of every cell recorded; then Jupyter Book builds from the cache. The times go
+to ``<build>/cell_times.json`` (chapters executed in an earlier build keep their times), and the
+slowest cells are printed. ``--record-times FILE`` also writes them, with the machine's core count
+and load, to a committed file (the course page reads ``data/results/chapter_times.json``).
+
 After a successful build, every value the chapters glue is written to ``<build>/results.json``
 (``_build/results.json`` for the book; see scripts/book_results.py).
 """
@@ -15,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import book_results
@@ -39,10 +48,99 @@ def source_hash(profile: str) -> str:
     return h.hexdigest()
 
 
+# Pages that read the chapters' recorded times: executed again whenever a chapter was.
+REPORTS = {"course"}
+
+
+def notebooks_in_toc() -> list[Path]:
+    """The book's notebooks, in the order of its table of contents."""
+    toc = (ROOT / "_toc.yml").read_text()
+    names = [line.split("file:")[1].strip() for line in toc.splitlines() if "file:" in line]
+    return [ROOT / f"{n}.ipynb" for n in names if (ROOT / f"{n}.ipynb").is_file()]
+
+
+def _seconds(cell) -> float | None:
+    timing = cell.get("metadata", {}).get("execution", {})
+    try:
+        start = datetime.fromisoformat(timing["iopub.execute_input"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(timing["shell.execute_reply"].replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    return (end - start).total_seconds()
+
+
+def execute_uncached(build: Path, timeout: int) -> dict | None:
+    """Execute every notebook the cache lacks, recording each cell's time, and add it to the
+    cache Jupyter Book reads. Return the times ({notebook: {...}}) or None if one failed."""
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from jupyter_cache.executors.utils import single_nb_execution
+
+    cache = get_cache(str(build / ".jupyter_cache"))
+    times = {}
+    # The chapters first: pages that report on them (the course page) read their times.
+    for path in sorted(notebooks_in_toc(), key=lambda p: not p.name[0].isdigit()):
+        nb = nbformat.read(path, as_version=4)
+        if not (times and path.stem in REPORTS):
+            try:
+                cache.match_cache_notebook(nb)
+                continue  # Jupyter Book will use the cached outputs
+            except KeyError:
+                pass
+        print(f"executing {path.relative_to(ROOT)} ...", flush=True)
+        result = single_nb_execution(nb, cwd=str(path.parent), allow_errors=False,
+                                     timeout=timeout, meta_override=True, record_timing=True)
+        if result.err is not None:
+            print(result.exc_string, file=sys.stderr)
+            print(f"executing {path.name} failed", file=sys.stderr)
+            return None
+        stage = cache.add_nb_to_project(str(path))
+        cache.cache_notebook_bundle(CacheBundleIn(nb, stage.uri,
+                                                  data={"execution_seconds": result.time}),
+                                    check_validity=False, overwrite=True)
+        cells = [(i, _seconds(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        cells = [(i, s) for i, s in cells if s is not None]
+        slowest = max(cells, key=lambda c: c[1], default=(None, 0.0))
+        times[path.stem] = {"seconds": round(result.time, 1),
+                            "slowest_cell": slowest[0], "slowest_seconds": round(slowest[1], 1),
+                            "cells": {str(i): round(s, 2) for i, s in cells}}
+        print(f"  {result.time / 60:.1f} minutes; slowest cell {slowest[0]}: "
+              f"{slowest[1] / 60:.1f} minutes", flush=True)
+    return times
+
+
+def update_times(build: Path, times: dict, record: Path | None, profile: str,
+                 load_before: tuple[float, ...]) -> None:
+    path = build / "cell_times.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update(times)
+    path.write_text(json.dumps(known, indent=1) + "\n")
+    for name, t in known.items():
+        print(f"{name:24s} {t['seconds'] / 60:5.1f} min; slowest cell {t['slowest_cell']}: "
+              f"{t['slowest_seconds'] / 60:.1f} min")
+    if record is not None and times:
+        out = json.loads(record.read_text()) if record.is_file() else {"chapters": {}}
+        out["chapters"].update({k: {key: v[key] for key in ("seconds", "slowest_cell",
+                                                             "slowest_seconds")}
+                                for k, v in times.items()})
+        out.update({"profile": profile, "cpu_count": os.cpu_count(),
+                    "load_average_before": [round(v, 2) for v in load_before],
+                    "load_average_after": [round(v, 2) for v in os.getloadavg()],
+                    "command": f"python scripts/build_book.py --profile {profile} "
+                               f"--record-times {record.relative_to(ROOT)}"})
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"times recorded in {record}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=["ci", "cpu", "gpu"], required=True)
+    parser.add_argument("--profile", choices=["ci", "cpu", "gpu", "paper"], required=True)
     parser.add_argument("--strict", action="store_true", help="turn warnings into errors (-W)")
+    parser.add_argument("--record-times", type=Path, metavar="FILE",
+                        help="also write the chapters' execution times to FILE")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     args = parser.parse_args()
 
     out = ROOT if args.profile == "cpu" else ROOT / "_build" / args.profile
@@ -53,6 +151,13 @@ def main() -> int:
         print("fdiff or the checkpoints changed since the last build: clearing the execution cache")
         shutil.rmtree(build / ".jupyter_cache", ignore_errors=True)
         shutil.rmtree(build / "jupyter_execute", ignore_errors=True)
+    os.environ["FDIFF_PROFILE"] = args.profile  # for the kernels started below
+    load_before, start = os.getloadavg(), time.perf_counter()
+    times = execute_uncached(build, args.timeout)
+    if times is None:
+        return 1
+    record = args.record_times.resolve() if args.record_times else None
+    update_times(build, times, record, args.profile, load_before)
     cmd = [
         str(Path(sys.executable).parent / "jupyter-book"),
         "build",
@@ -69,6 +174,7 @@ def main() -> int:
         stamp.write_text(digest)
         print(f"book ({args.profile} profile): {build / 'html' / 'index.html'}")
         print(f"results: {book_results.write(build)}")
+        print(f"built in {(time.perf_counter() - start) / 60:.1f} minutes")
     return code
 
 

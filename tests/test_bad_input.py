@@ -32,7 +32,7 @@ def test_profiles(monkeypatch):
     monkeypatch.setenv("FDIFF_PROFILE", " CI ")
     assert get_profile().name == "ci"
     monkeypatch.setenv("FDIFF_PROFILE", "laptop")
-    with pytest.raises(ValueError, match=re.escape("(set FDIFF_PROFILE=ci|cpu|gpu)")):
+    with pytest.raises(ValueError, match=re.escape("(set FDIFF_PROFILE=ci|cpu|gpu|paper)")):
         get_profile()
     assert "ci" in describe_profile(get_profile("ci"))
 

@@ -155,3 +155,23 @@ def test_show_source_displays_the_packages_own_code():
     assert "<style" not in html and "style=" in html and "forward" in html
     with pytest.raises(TypeError, match="cannot show the source"):
         show_source(3)
+
+
+def test_glued_values_are_printed_at_the_end_of_their_cell(capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from fdiff import viz
+
+    viz._pending.clear()  # values glued by earlier tests outside a cell
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_cell("from fdiff.viz import glue\nglue('speedup', 23)\nglue('n_fd', 256)\n"
+                       "print('cell body')")
+        out = capsys.readouterr().out
+        # one line, after what the cell itself printed, naming each value as the prose does
+        assert out.splitlines()[-1] == "in the text: speedup = 23, n_fd = 256"
+        assert out.index("cell body") < out.index("in the text")
+        shell.run_cell("x = 1")
+        assert "in the text" not in capsys.readouterr().out  # nothing left over for later cells
+    finally:
+        InteractiveShell.clear_instance()
