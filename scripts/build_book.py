@@ -69,9 +69,11 @@ def _seconds(cell) -> float | None:
     return (end - start).total_seconds()
 
 
-def execute_uncached(build: Path, timeout: int) -> dict | None:
-    """Execute every notebook the cache lacks, recording each cell's time, and add it to the
-    cache Jupyter Book reads. Return the times ({notebook: {...}}) or None if one failed."""
+def execute_uncached(build: Path, timeout: int, paths: list[Path],
+                     force: bool = False) -> dict | None:
+    """Execute every notebook of ``paths`` the cache lacks (all of them with ``force``),
+    recording each cell's time, and add it to the cache Jupyter Book reads. Return the times
+    ({notebook: {...}}) or None if one failed."""
     import nbformat
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
@@ -79,10 +81,9 @@ def execute_uncached(build: Path, timeout: int) -> dict | None:
 
     cache = get_cache(str(build / ".jupyter_cache"))
     times = {}
-    # The chapters first: pages that report on them (the course page) read their times.
-    for path in sorted(notebooks_in_toc(), key=lambda p: not p.name[0].isdigit()):
+    for path in paths:
         nb = nbformat.read(path, as_version=4)
-        if not (times and path.stem in REPORTS):
+        if not force:
             try:
                 cache.match_cache_notebook(nb)
                 continue  # Jupyter Book will use the cached outputs
@@ -95,11 +96,13 @@ def execute_uncached(build: Path, timeout: int) -> dict | None:
             print(result.exc_string, file=sys.stderr)
             print(f"executing {path.name} failed", file=sys.stderr)
             return None
+        cells = [(i, _seconds(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        for c in nb.cells:  # the cache hashes cell metadata: leave it as Jupyter Book reads it
+            c.metadata.pop("execution", None)
         stage = cache.add_nb_to_project(str(path))
         cache.cache_notebook_bundle(CacheBundleIn(nb, stage.uri,
                                                   data={"execution_seconds": result.time}),
                                     check_validity=False, overwrite=True)
-        cells = [(i, _seconds(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
         cells = [(i, s) for i, s in cells if s is not None]
         slowest = max(cells, key=lambda c: c[1], default=(None, 0.0))
         times[path.stem] = {"seconds": round(result.time, 1),
@@ -153,11 +156,17 @@ def main() -> int:
         shutil.rmtree(build / "jupyter_execute", ignore_errors=True)
     os.environ["FDIFF_PROFILE"] = args.profile  # for the kernels started below
     load_before, start = os.getloadavg(), time.perf_counter()
-    times = execute_uncached(build, args.timeout)
+    # The chapters first, then the pages that report on them (the course page reads their
+    # recorded times), again whenever a chapter was executed.
+    notebooks = notebooks_in_toc()
+    reports = [p for p in notebooks if p.stem in REPORTS]
+    times = execute_uncached(build, args.timeout, [p for p in notebooks if p not in reports])
     if times is None:
         return 1
     record = args.record_times.resolve() if args.record_times else None
     update_times(build, times, record, args.profile, load_before)
+    if execute_uncached(build, args.timeout, reports, force=bool(times)) is None:
+        return 1
     cmd = [
         str(Path(sys.executable).parent / "jupyter-book"),
         "build",
