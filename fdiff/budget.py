@@ -38,6 +38,7 @@ CHAPTER_RUNS: dict[str, list[tuple[str, str | None]]] = {
                                           "mask_noise", "replicate")]
     + [("factorized_simple-shapes", None), ("factorized_simple-shapes-replicate", None)],
     "04_features": [("ddpm_pets", None), ("factorized_pets", None)],
+    "05_discovery": [("ddpm_pets", None), ("factorized_pets", None)],
 }
 # Chapter 1 also trains its live example, a small U-Net for a few thousand steps of 64 images.
 LIVE_EXAMPLE = {"config": {"base_channels": 16, "channel_mults": (1, 2), "num_heads": 2},

@@ -38,6 +38,10 @@ __all__ = [
     "decidedness",
     "frechet_distance",
     "miou",
+    "saliency_scores",
+    "largest_component_box",
+    "box_iou",
+    "corloc",
 ]
 
 
@@ -358,3 +362,95 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
         covmean = linalg.sqrtm((cov_x + eye) @ (cov_y + eye))
     covmean = covmean.real
     return float(((mu_x - mu_y) ** 2).sum() + np.trace(cov_x + cov_y - 2 * covmean))
+
+
+def _check_saliency(pred: Tensor, gt: Tensor) -> None:
+    if pred.ndim != 3 or pred.shape != gt.shape:
+        raise ValueError(f"expected a prediction and a mask of one shape (B, H, W), got "
+                         f"{tuple(pred.shape)} and {tuple(gt.shape)}")
+    if pred.is_floating_point():
+        check_finite(pred, "pred")
+        if float(pred.min()) < 0 or float(pred.max()) > 1:
+            raise ValueError("a soft prediction must lie in [0, 1]")
+
+
+def saliency_scores(pred: Tensor, gt: Tensor, beta2: float = 0.3,
+                    thresholds: int = 255) -> dict[str, float]:
+    """Salient-object metrics of a prediction (B, H, W) against binary masks (B, H, W).
+
+    ``pred``: a binary mask (bool or {0, 1}) or a soft map in [0, 1]. Returns, averaged over
+    images: pixel ``accuracy`` and ``iou`` of the mask (a soft map thresholded at 0.5), ``mae``
+    (mean absolute difference of the map and the mask) and ``max_fbeta``: over ``thresholds``
+    evenly spaced thresholds of the map (one for a binary mask), precision and recall averaged
+    over images, ``F = (1 + beta2) P R / (beta2 P + R)``, the best threshold's F (beta2 = 0.3,
+    weighing precision more, as the saliency benchmarks do).
+    """
+    _check_saliency(pred, gt)
+    g = gt.bool().flatten(1)
+    soft = pred.float().flatten(1)
+    binary = soft >= 0.5
+    inter = (binary & g).sum(1).float()
+    union = (binary | g).sum(1).float()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    accuracy = (binary == g).float().mean(1)
+    mae = (soft - g.float()).abs().mean(1)
+    levels = (torch.tensor([0.5]) if not pred.is_floating_point()
+              else torch.linspace(0, 1, thresholds + 2)[1:-1])
+    best = 0.0
+    for level in levels.tolist():
+        m = soft >= level
+        tp = (m & g).sum(1).float()
+        precision = (tp / m.sum(1).clamp(min=1)).mean()
+        recall = (tp / g.sum(1).clamp(min=1)).mean()
+        denom = beta2 * precision + recall
+        f = float((1 + beta2) * precision * recall / denom) if denom > 0 else 0.0
+        best = max(best, f)
+    return {"accuracy": float(accuracy.mean()), "iou": float(iou.mean()),
+            "max_fbeta": best, "mae": float(mae.mean())}
+
+
+def largest_component_box(mask: Tensor) -> tuple[int, int, int, int] | None:
+    """The box (x0, y0, x1, y1), inclusive, of a binary mask's (H, W) largest 4-connected
+    component; None for an empty mask."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask.bool().cpu().numpy())
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    ys, xs = np.nonzero(labels == 1 + int(sizes.argmax()))
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """IoU of two pixel boxes (x0, y0, x1, y1), corners inclusive."""
+    ix = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    iy = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    inter = max(ix, 0) * max(iy, 0)
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def corloc(masks: Tensor, instances: Tensor, threshold: float = 0.5) -> float:
+    """CorLoc: the fraction of images whose predicted box (the box of the mask's largest
+    component) overlaps the box of some true object with an IoU of at least ``threshold``.
+
+    masks (B, H, W) binary; instances (B, H, W) with 0 for background and 1, 2, ... for the
+    objects (the box of each object is that of all its pixels). An empty mask misses.
+    """
+    if masks.shape != instances.shape or masks.ndim != 3:
+        raise ValueError(f"expected masks and instances of one shape (B, H, W), got "
+                         f"{tuple(masks.shape)} and {tuple(instances.shape)}")
+    hits = 0
+    for mask, inst in zip(masks, instances):
+        box = largest_component_box(mask)
+        if box is None:
+            continue
+        objects = []
+        for k in inst.unique().tolist():
+            if k <= 0:
+                continue
+            ys, xs = torch.nonzero(inst == k, as_tuple=True)
+            objects.append((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+        hits += any(box_iou(box, obj) >= threshold for obj in objects)
+    return hits / len(masks)

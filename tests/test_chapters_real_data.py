@@ -42,7 +42,8 @@ def write_stand_in_pets(root: Path, n_trainval: int = 6, n_test: int = 10) -> Pa
     return root
 
 
-@pytest.mark.parametrize("chapter", ["03_segmenting.ipynb", "04_features.ipynb"])
+@pytest.mark.parametrize("chapter", ["03_segmenting.ipynb", "04_features.ipynb",
+                                     "05_discovery.ipynb"])
 def test_chapter_runs_on_stand_in_pets(chapter, tmp_path, monkeypatch):
     root = write_stand_in_pets(tmp_path / "data")
     # The kernel inherits this environment: ci sizes, Pets as the dataset, a fresh cache.
@@ -55,8 +56,9 @@ def test_chapter_runs_on_stand_in_pets(chapter, tmp_path, monkeypatch):
     text = "".join(
         out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
     )
-    # the chapter says what it ran on: ch3 names the dataset, ch4 its classes
-    said = "pets: 10 held-out images" if chapter.startswith("03") else "('background', 'pet')"
+    # the chapter says what it ran on: ch3 names the dataset, ch4 its classes, ch5 its model
+    said = {"03": "pets: 10 held-out images", "04": "('background', 'pet')",
+            "05": "ddpm_pets; 6 labelled training images"}[chapter[:2]]
     assert said in text
     # the models were trained on the stand-in pets, under their own names
     trained = (tmp_path / "cache" / "checkpoints").glob("*.safetensors")
