@@ -17,13 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .attention_cut import CutConfig, attention_cut
 from .checkpoints import load_checkpoint, save_checkpoint
-from .features import _decoder, capture, decoder_blocks
+from .features import DiffusionFeatures
 from .profiles import model_device
 from .samplers import ddim_invert, ddim_timesteps, generate
 from .seeding import per_sample_generators
@@ -31,60 +30,38 @@ from .seeding import per_sample_generators
 __all__ = ["InversionFeatures", "synthesize", "Pairs", "save_pairs", "load_pairs"]
 
 
-class InversionFeatures:
+class InversionFeatures(DiffusionFeatures):
     """Map images (B, C, H, W) in [-1, 1] to decoder features (B, D, H, W) read along their DDIM
     inversion path.
 
-    ``timesteps`` must lie on the DDIM grid of ``num_steps`` steps (:func:`ddim_timesteps`); the
-    inversion runs up to the largest of them, and the model is run once more at each chosen
-    step's noisy image to record the chosen decoder ``blocks``.
+    As :class:`~fdiff.features.DiffusionFeatures`, but the noisy image at each chosen step is the
+    image's own DDIM inversion instead of the image plus a shared noise. ``timesteps`` must lie on
+    the DDIM grid of ``num_steps`` steps (:func:`ddim_timesteps`); the inversion runs up to the
+    largest of them, and the model is run once more at each chosen step's noisy image to record
+    the chosen decoder ``blocks``.
     """
 
     def __init__(self, model: nn.Module, schedule, blocks: Sequence[int],
                  timesteps: Sequence[int], image_shape: Sequence[int], num_steps: int = 50):
-        self.model = model.eval()
-        self.schedule = schedule
-        all_blocks = decoder_blocks(model)
-        if not blocks or any(not 0 <= b < len(all_blocks) for b in blocks):
-            raise ValueError(f"blocks must index the {len(all_blocks)} decoder blocks, "
-                             f"got {blocks}")
         grid = ddim_timesteps(schedule.num_timesteps, num_steps)
         if not timesteps or any(t not in grid for t in timesteps):
             raise ValueError(f"timesteps must be on the {num_steps}-step DDIM grid "
                              f"({sorted(grid)[:4]}...), got {list(timesteps)}")
-        self.blocks = tuple(int(b) for b in blocks)
-        self.timesteps = tuple(sorted(int(t) for t in timesteps))
-        self.image_shape = tuple(int(s) for s in image_shape)
+        super().__init__(model, schedule, blocks, sorted(timesteps), image_shape)
         self.num_steps = num_steps
-        self.modules = {f"block{b}": all_blocks[b] for b in self.blocks}
-        widths = [_decoder(model).block_channels[b] for b in self.blocks]
-        self.in_channels = [(t, b, w) for t in self.timesteps for b, w in zip(self.blocks, widths)]
-
-    @property
-    def dim(self) -> int:
-        """The number of feature channels per pixel."""
-        return sum(w for _, _, w in self.in_channels)
 
     @torch.no_grad()
     def __call__(self, x0: Tensor) -> Tensor:
-        if x0.ndim != 4 or tuple(x0.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must be (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x0.shape)}")
+        self._check(x0)
         device, out_device = model_device(self.model), x0.device
-        noisy = {0: x0} if 0 in self.timesteps else {}
+        noisy = {0: x0.to(device)} if 0 in self.timesteps else {}
         for step in ddim_invert(self.model, self.schedule, x0, self.num_steps,
                                 t_end=self.timesteps[-1]):
             if step.t in self.timesteps:
-                noisy[step.t] = step.xt
+                noisy[step.t] = step.xt.to(device)
         out = []
         for t in self.timesteps:
-            tt = torch.full((len(x0),), t, dtype=torch.int64, device=device)
-            with capture(self.modules) as store:
-                self.model(noisy[t].to(device), tt)
-            for b in self.blocks:
-                h = store[f"block{b}"].float()
-                out.append(F.interpolate(h, size=self.image_shape[1:], mode="bilinear",
-                                         align_corners=False))
+            out += self._read(noisy[t], t)
         return torch.cat(out, dim=1).to(out_device)
 
 

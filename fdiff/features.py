@@ -113,25 +113,32 @@ class DiffusionFeatures:
         """The number of feature channels per pixel."""
         return sum(w for _, _, w in self.in_channels)
 
-    @torch.no_grad()
-    def __call__(self, x0: Tensor) -> Tensor:
+    def _check(self, x0: Tensor) -> None:
         if x0.ndim != 4 or tuple(x0.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"images must be (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(x0.shape)}"
             )
+
+    def _read(self, xt: Tensor, t: int) -> list[Tensor]:
+        """The chosen blocks' activations on the noisy images ``xt`` at step ``t``, upsampled
+        to the image size."""
+        tt = torch.full((len(xt),), t, dtype=torch.int64, device=xt.device)
+        with capture(self.modules) as store:
+            self.model(xt, tt)
+        return [F.interpolate(store[f"block{b}"].float(), size=self.image_shape[1:],
+                              mode="bilinear", align_corners=False) for b in self.blocks]
+
+    @torch.no_grad()
+    def __call__(self, x0: Tensor) -> Tensor:
+        self._check(x0)
         device, out_device = model_device(self.model), x0.device
         x0 = x0.to(device)
         noise = self.noise.to(device).expand_as(x0)
-        size = self.image_shape[1:]
         out = []
         for t in self.timesteps:
             tt = torch.full((len(x0),), t, dtype=torch.int64, device=device)
-            with capture(self.modules) as store:
-                self.model(self.schedule.add_noise(x0, noise, tt), tt)
-            for b in self.blocks:
-                h = store[f"block{b}"].float()
-                out.append(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
+            out += self._read(self.schedule.add_noise(x0, noise, tt), t)
         return torch.cat(out, dim=1).to(out_device)
 
 
