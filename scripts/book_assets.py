@@ -79,6 +79,20 @@ def integrity(path: Path) -> str:
     return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
 
 
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract a tarball's regular files and folders below ``dest`` only. (Python 3.11.4 and
+    later have ``filter="data"`` for this; older 3.11 releases do not.)"""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or root not in (target, *target.parents):
+            raise SystemExit(f"refusing the tarball member {member.name!r}")
+    tar.extractall(dest)
+
+
 def fetch() -> None:
     """Fetch and unpack the packages into .book-assets/ (nothing to do when complete)."""
     if STAMP.is_file() and STAMP.read_text() == repr(sorted(PACKAGES)):
@@ -94,7 +108,7 @@ def fetch() -> None:
             if integrity(tarball) != expected:
                 raise SystemExit(f"{spec}: the tarball's hash is not the pinned one; refusing it")
             with tarfile.open(tarball) as tar:
-                tar.extractall(Path(tmp) / _folder(spec), filter="data")
+                _extract(tar, Path(tmp) / _folder(spec))
             package = Path(tmp) / _folder(spec) / "package"
             for pattern in keep:
                 for src in package.glob(pattern):
