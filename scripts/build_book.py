@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 import book_results
+from check_html import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +55,7 @@ REPORTS = {"course"}
 
 def notebooks_in_toc() -> list[Path]:
     """The book's notebooks, in the order of its table of contents."""
-    toc = (ROOT / "_toc.yml").read_text()
-    names = [line.split("file:")[1].strip() for line in toc.splitlines() if "file:" in line]
+    names = toc_files(ROOT / "_toc.yml")
     return [ROOT / f"{n}.ipynb" for n in names if (ROOT / f"{n}.ipynb").is_file()]
 
 
