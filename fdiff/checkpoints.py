@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .configs import ConfigError, from_json, to_json
 from .factorized import FactorizedConfig, factorized_denoiser
+from .guidance import GuidedConfig, GuidedUNet
 from .unet import UNet, UNetConfig
 
 __all__ = [
@@ -54,8 +55,8 @@ _META_KEY = "fdiff"
 _EXTRA = "extra."  # prefix of tensors stored beside a model's weights (e.g. training snapshots)
 
 # The models a checkpoint can hold, by the config that describes them.
-ModelConfig = UNetConfig | FactorizedConfig
-_BUILDERS = {UNetConfig: UNet, FactorizedConfig: factorized_denoiser}
+ModelConfig = UNetConfig | FactorizedConfig | GuidedConfig
+_BUILDERS = {UNetConfig: UNet, FactorizedConfig: factorized_denoiser, GuidedConfig: GuidedUNet}
 
 
 class CheckpointError(ValueError):
@@ -65,7 +66,8 @@ class CheckpointError(ValueError):
 def build_model(config: ModelConfig) -> nn.Module:
     """Return a freshly initialised model of the kind ``config`` describes."""
     if type(config) not in _BUILDERS:
-        raise TypeError(f"expected a UNetConfig or a FactorizedConfig, got {type(config).__name__}")
+        raise TypeError(f"expected a UNetConfig, a FactorizedConfig or a GuidedConfig, got "
+                        f"{type(config).__name__}")
     return _BUILDERS[type(config)](config)
 
 
@@ -197,8 +199,8 @@ def save_model(
     config = getattr(model, "config", None)
     if type(config) not in _BUILDERS:
         raise TypeError(
-            f"cannot save a {type(model).__name__}: expected a model built from a UNetConfig or "
-            f"a FactorizedConfig"
+            f"cannot save a {type(model).__name__}: expected a model built from a UNetConfig, "
+            f"a FactorizedConfig or a GuidedConfig"
         )
     metadata = {"kind": config.KIND, "config": to_json(config), **(extra or {})}
     state = {**model.state_dict(), **{_EXTRA + k: v for k, v in (tensors or {}).items()}}

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(err))
     try:
         ema, extra, tensors = train_run(run, resume, root=args.data_root,
-                                        download=args.download, save_every=args.save_every)
+                                        download=args.download, save_every=args.save_every,
+                                        profile=args.profile)
     except Terminated:
         sys.exit(f"stopped by SIGTERM; {resume} holds the progress: run the same command again "
                  f"to resume")

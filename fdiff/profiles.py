@@ -98,6 +98,35 @@ def model_device(model) -> torch.device:
     return params.device if params is not None else torch.device("cpu")
 
 
+def free_cores(samples: int = 11, interval: float = 0.05) -> int:
+    """The CPU cores no other process is using now: this process's usable cores minus the
+    processes running or waiting to run, read from ``/proc/loadavg`` (Linux; elsewhere all cores).
+
+    Torch's CPU kernels split each operation over their threads and wait for the slowest: on a
+    2-core machine that also runs one busy process, a training step of the cpu profile's U-Net
+    took 3.2x as long with 2 threads as on the idle machine, and 1.8x with 1 thread
+    (``benchmarks/busy_threads.py``). Give a kernel this many threads (``OMP_NUM_THREADS``, or
+    ``torch.set_num_threads``) when the machine is shared. The median of ``samples`` readings
+    ``interval`` seconds apart smooths the instant count.
+    """
+    import os
+    import statistics
+    import time
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        counts = []
+        for i in range(samples):
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+            counts.append(running - 1)  # this process is one of them
+            if i + 1 < samples:
+                time.sleep(interval)
+    except (OSError, ValueError, IndexError):
+        return cores or 1
+    return max(1, (cores or 1) - round(statistics.median(counts)))
+
+
 def describe_profile(profile: Profile | None = None) -> str:
     """Return a one-line description of the profile and the device, for a chapter's first cell."""
     profile = profile or get_profile()

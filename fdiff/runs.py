@@ -42,6 +42,7 @@ from .configs import canonical, change, to_json
 from .data import DATASET_NAMES, stack_images, training_data
 from .datasets import load_dataset
 from .factorized import FactorizedConfig, FactorizedDenoiser, partition_probe
+from .guidance import GuidedConfig
 from .hub import fetch_published
 from .profiles import Profile, get_profile
 from .schedules import ScheduleConfig
@@ -153,6 +154,19 @@ def _ablation(about: str, **changes: Any) -> RunEntry:
 
 
 _BF16 = {"train.precision": "bf16"}
+# The share of each shape class (disk, square, triangle, star, cross) kept in the long-tail runs.
+_LONG_TAIL = (1.0, 1.0, 1.0, 0.05, 0.05)
+_GUIDED_STEPS = {"ci": 4, "cpu": 2000, "gpu": 2000, "paper": 10_000}
+
+
+def _guided(about: str, **changes: Any) -> RunEntry:
+    """A run of chapter 6: ``ddpm_simple-shapes`` continued for a few thousand steps with a
+    condition (``changes``: fields of :class:`~fdiff.guidance.GuidedConfig`)."""
+    return RunEntry(f"chapter 6: {about}", "guided", "simple-shapes",
+                    changes={"model.start_from": "ddpm_simple-shapes",
+                             **{f"model.{k}": v for k, v in changes.items()}},
+                    per_profile={p: {"train.steps": s, **(_BF16 if p == "cpu" else {})}
+                                 for p, s in _GUIDED_STEPS.items()})
 # The emergence study's budget: short, since it trains one run per world.
 _STUDY_BUDGET = {"ci": {"train.steps": 4}, "cpu": {**_BF16, "train.steps": 800},
                  "gpu": {"train.steps": 2000}, "paper": {"train.steps": 5000}}
@@ -201,6 +215,22 @@ RUNS: dict[str, RunEntry] = {
         "the emergence study on simple-shapes, with the narrow mask generator", "factorized",
         "simple-shapes", changes={"model.unet.padding_mode": "replicate", **_NARROW},
         per_profile=_STUDY_BUDGET),
+    # Chapter 6: chapter 1's U-Net on simple-shapes continued with a condition, each run the
+    # same number of steps, the unguided reference included (fdiff.guidance, fdiff.annotate).
+    **{f"guided_{name}": _guided(about, **changes) for name, (about, changes) in {
+        "none": ("the reference: the same steps without a condition", {"condition": "none"}),
+        "class": ("guided by the true shape class", {"condition": "class"}),
+        "self": ("guided by self-labels: 50 clusters of its own diffusion features",
+                 {"annotator": "ddpm_simple-shapes", "condition": "self", "num_classes": 50}),
+        "layout": ("guided by a layout: figure and ground as the factorized denoiser sees them",
+                   {"annotator": "factorized_simple-shapes-replicate", "condition": "layout",
+                    "feature_t": 20}),
+        "class-longtail": ("guided by the true class, two classes kept at 5%",
+                           {"condition": "class", "class_share": _LONG_TAIL}),
+        "self-longtail": ("guided by self-labels, two classes kept at 5%",
+                          {"annotator": "ddpm_simple-shapes", "condition": "self",
+                           "num_classes": 50, "class_share": _LONG_TAIL}),
+    }.items()},
     "ablation_k2": _ablation("the reference, K = 2"),
     "ablation_k3": _ablation("K = 3", num_regions=3),
     "ablation_k4": _ablation("K = 4", num_regions=4),
@@ -219,7 +249,7 @@ def _profile(profile: Profile | str | None) -> Profile:
 def default_run(kind: str, profile: Profile, dataset: str = "shapes") -> Run:
     """Return the profile's run of a model ``kind`` ("unet" or "factorized") on ``dataset``."""
     unet = UNetConfig.from_profile(profile)
-    models = {"unet": unet, "factorized": FactorizedConfig(unet)}
+    models = {"unet": unet, "factorized": FactorizedConfig(unet), "guided": GuidedConfig(unet)}
     if kind not in models:
         raise ValueError(f"unknown model kind {kind!r}: expected one of {sorted(models)}")
     return Run(
@@ -261,11 +291,60 @@ def run_paths(name: str, run: Run) -> tuple[Path, Path]:
             root / "runs" / f"{name}-{run.digest(budget=False)}.resume.safetensors")
 
 
+def _guided_setup(run: Run, model, data, profile, progress: bool, root, download):
+    """For a guided run: start the model from its base run, and return its training data with
+    their conditions, the tensors to keep beside its weights and metadata of its annotation."""
+    from .annotate import (Conditioned, Selected, class_subset, image_classes, pooled_features,
+                           segment_layouts, self_annotate)
+    from .guidance import start_from
+
+    cfg, tensors, meta = run.model, {}, {}
+
+    def other(name):
+        other_model, _ = load_run(name, profile, progress=progress, root=root, download=download)
+        meta[f"{name}_run"] = resolve_run(name, profile).digest()
+        return other_model
+
+    if cfg.start_from:
+        start_from(model, other(cfg.start_from).cpu())
+    classes = image_classes(data, progress=progress) if cfg.class_share or \
+        cfg.condition == "class" else None
+    indices = None
+    if cfg.class_share:
+        indices = class_subset(classes, cfg.class_share, seed=run.train.seed)
+        tensors["train_indices"] = indices
+        data = Selected(data, indices)
+        classes = classes[indices]
+    if cfg.condition == "none":
+        return data, tensors, meta
+    if cfg.condition == "class":
+        if int(classes.max()) >= cfg.num_classes:
+            raise ValueError(f"the data has {int(classes.max()) + 1} classes, the run "
+                             f"num_classes={cfg.num_classes}")
+        return Conditioned(data, classes), tensors, meta
+    annotator = other(cfg.annotator)
+    schedule = resolve_run(cfg.annotator, profile).schedule.build()
+    if cfg.condition == "self":
+        features = pooled_features(annotator, schedule, data,
+                                   cfg.annotation_t(schedule.num_timesteps),
+                                   noise_seed=run.train.seed, progress=progress)
+        labels = self_annotate(features, cfg.num_classes, seed=run.train.seed)
+        tensors.update(cluster_centroids=labels.centroids, cluster_ids=labels.ids)
+        return Conditioned(data, labels.ids), tensors, meta
+    if cfg.layout_channels != 2:
+        raise ValueError(f"layouts are figure and ground: layout_channels must be 2, got "
+                         f"{cfg.layout_channels}")
+    layouts = segment_layouts(annotator, schedule, data, cfg.annotation_t(schedule.num_timesteps),
+                              seed=run.train.seed, progress=progress)
+    return Conditioned(data, layouts), tensors, meta
+
+
 def train_run(run: Run, resume: Path, progress: bool = True, root=None, download=False,
-              save_every: int = 250, callback=None):
+              save_every: int = 250, callback=None, profile: Profile | str | None = None):
     """Train ``run`` (resuming from ``resume`` if it exists); return (EMA model, metadata,
     tensors) ready for :func:`~fdiff.checkpoints.save_model`. ``callback(step, result)`` runs
-    after every step (:func:`fdiff.train.train`)."""
+    after every step (:func:`fdiff.train.train`). ``profile`` resolves the runs a guided run
+    starts from or is annotated by (:class:`~fdiff.guidance.GuidedConfig`)."""
     from .profiles import default_device
     from .train import train
 
@@ -273,7 +352,10 @@ def train_run(run: Run, resume: Path, progress: bool = True, root=None, download
     schedule = run.schedule.build()
     data = run.data.training_images(root, download, progress)
     device = default_device()
-    snapshot, tensors = None, {}
+    snapshot, tensors, guided = None, {}, {}
+    if isinstance(run.model, GuidedConfig):
+        data, tensors, guided = _guided_setup(run, model, data, _profile(profile), progress,
+                                              root, download)
     if isinstance(model, FactorizedDenoiser):
         probe = run.data.held_out(PROBE_IMAGES, root, download)
         snapshot, tensors = partition_probe(schedule, probe, seed=run.train.seed)
@@ -291,6 +373,7 @@ def train_run(run: Run, resume: Path, progress: bool = True, root=None, download
         "seconds": round(result.seconds, 1),
         "device": str(device),
         "losses": [round(v, 5) for v in result.losses],
+        **guided,
     }
     return result.ema.cpu(), extra, tensors
 
@@ -348,7 +431,8 @@ def load_run(
             print(f"no published weights for {where}: training it now{_estimate(run, device)}; "
                   "it resumes if stopped")
             ensure_writable(resume.parent)
-            ema, extra, tensors = train_run(run, resume, progress, root, download)
+            ema, extra, tensors = train_run(run, resume, progress, root, download,
+                                            profile=profile)
             save_model(path, ema, extra=extra, tensors=tensors)
     model, meta = load_model(path)
     return model.to(device), meta

@@ -108,20 +108,24 @@ def denoising_loss(
     eps: Tensor,
     min_snr_gamma: float = 0.0,
     generator: torch.Generator | None = None,
+    cond: Tensor | None = None,
 ) -> Tensor:
     """Return the DDPM loss: MSE of eps and eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t).
 
     ``min_snr_gamma`` > 0 weights each image's error by min(SNR_t, gamma) / SNR_t, the Min-SNR
     weighting of Hang et al. (ICCV 2023) written for eps-prediction: timesteps with little noise,
     whose targets are easy, no longer dominate the gradient. 0 (the default) is the plain mean.
-    ``generator`` goes to the model for the draws it makes in training. The inputs are moved to
-    the model's device (a no-op in training, where they already are).
+    ``generator`` goes to the model for the draws it makes in training; ``cond``, one condition
+    per image, to a conditioned model (:class:`fdiff.guidance.GuidedUNet`), which drops some of
+    them with that generator. The inputs are moved to the model's device (a no-op in training,
+    where they already are).
     """
     if not min_snr_gamma >= 0:  # also refuses NaN
         raise ValueError(f"min_snr_gamma must be >= 0 (0: unweighted), got {min_snr_gamma}")
     device = model_device(model)
     x0, t, eps = x0.to(device), t.to(device), eps.to(device)
-    eps_hat = model(schedule.add_noise(x0, eps, t), t, generator=generator).float()
+    extra = {} if cond is None else {"cond": cond.to(device)}
+    eps_hat = model(schedule.add_noise(x0, eps, t), t, generator=generator, **extra).float()
     if not min_snr_gamma:
         return F.mse_loss(eps_hat, eps)
     per_image = (eps_hat - eps).pow(2).flatten(1).mean(1)
@@ -148,10 +152,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if native_bf16 else torch.float16
 
 
-def _draw_batch(dataset, batch_size: int, gen: torch.Generator) -> Tensor:
+def _draw_batch(dataset, batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """A random batch of images, and their conditions when the dataset has them
+    (:class:`fdiff.annotate.Conditioned`)."""
+    from .annotate import Conditioned
     from .data import stack_images
 
-    return stack_images(dataset, torch.randint(len(dataset), (batch_size,), generator=gen).tolist())
+    idx = torch.randint(len(dataset), (batch_size,), generator=gen).tolist()
+    if isinstance(dataset, Conditioned):
+        items = dataset.batch(idx)
+        return items["image"], items["cond"]
+    return stack_images(dataset, idx), None
 
 
 def _channels_last(x: Tensor, device: torch.device) -> Tensor:
@@ -352,16 +363,20 @@ def _train(model, schedule, dataset, config, path, progress, callback, snapshot,
         while result.step < config.steps:
             t_start = time.perf_counter()
             gen = make_generator(config.seed, result.step)
-            x0 = check_images(_draw_batch(dataset, config.batch_size, gen), "the training images")
+            x0, cond = _draw_batch(dataset, config.batch_size, gen)
+            x0 = check_images(x0, "the training images")
             t = torch.randint(schedule.num_timesteps, (config.batch_size,), generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
             x0, t, eps = _channels_last(x0, device), t.to(device), _channels_last(eps, device)
+            if cond is not None:
+                cond = _channels_last(cond, device)
             lr = config.lr * min(1.0, (result.step + 1) / max(1, config.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
-                loss = denoising_loss(model, schedule, x0, t, eps, config.min_snr_gamma, gen)
+                loss = denoising_loss(model, schedule, x0, t, eps, config.min_snr_gamma, gen,
+                                      cond)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {result.step}")
             opt.zero_grad(set_to_none=True)

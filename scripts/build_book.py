@@ -79,7 +79,10 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
     from jupyter_cache.base import CacheBundleIn
     from jupyter_cache.executors.utils import single_nb_execution
 
+    from fdiff.profiles import free_cores
+
     cache = get_cache(str(build / ".jupyter_cache"))
+    user_threads = "OMP_NUM_THREADS" in os.environ
     times = {}
     for path in paths:
         nb = nbformat.read(path, as_version=4)
@@ -89,7 +92,11 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
                 continue  # Jupyter Book will use the cached outputs
             except KeyError:
                 pass
-        print(f"executing {path.relative_to(ROOT)} ...", flush=True)
+        # A kernel with more threads than free cores runs several times slower than with
+        # fewer (fdiff.profiles.free_cores): on a shared machine it gets the free ones.
+        threads = os.environ.get("OMP_NUM_THREADS") if user_threads else str(free_cores())
+        os.environ["OMP_NUM_THREADS"] = threads
+        print(f"executing {path.relative_to(ROOT)} with {threads} thread(s) ...", flush=True)
         result = single_nb_execution(nb, cwd=str(path.parent), allow_errors=False,
                                      timeout=timeout, meta_override=True, record_timing=True)
         if result.err is not None:
@@ -105,7 +112,7 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
                                     check_validity=False, overwrite=True)
         cells = [(i, s) for i, s in cells if s is not None]
         slowest = max(cells, key=lambda c: c[1], default=(None, 0.0))
-        times[path.stem] = {"seconds": round(result.time, 1),
+        times[path.stem] = {"seconds": round(result.time, 1), "threads": int(threads),
                             "slowest_cell": slowest[0], "slowest_seconds": round(slowest[1], 1),
                             "cells": {str(i): round(s, 2) for i, s in cells}}
         print(f"  {result.time / 60:.1f} minutes; slowest cell {slowest[0]}: "
@@ -125,7 +132,7 @@ def update_times(build: Path, times: dict, record: Path | None, profile: str,
     if record is not None and times:
         out = json.loads(record.read_text()) if record.is_file() else {"chapters": {}}
         out["chapters"].update({k: {key: v[key] for key in ("seconds", "slowest_cell",
-                                                             "slowest_seconds")}
+                                                             "slowest_seconds", "threads")}
                                 for k, v in times.items()})
         out.update({"profile": profile, "cpu_count": os.cpu_count(),
                     "load_average_before": [round(v, 2) for v in load_before],

@@ -1,0 +1,113 @@
+"""Self-annotation: features, k-means self-labels, their scores, class subsets, layouts."""
+
+import math
+
+import pytest
+import torch
+
+from fdiff.annotate import (Conditioned, Selected, class_subset, cluster_scores, image_classes,
+                            majority_class, pooled_features, segment_layouts, self_annotate)
+from fdiff.schedules import NoiseSchedule
+from fdiff.seeding import make_generator
+from fdiff.worlds import world
+
+
+def test_kmeans_self_labels_find_well_separated_groups():
+    gen = make_generator(0)
+    centres = torch.eye(4, 16) * 10
+    labels = torch.arange(200) % 4
+    feats = centres[labels] + torch.randn(200, 16, generator=gen)
+    # features are L2-normalised first: scaling an image's features changes nothing
+    feats = feats * torch.rand(200, 1, generator=gen).add(0.5)
+    found = self_annotate(feats, 4, seed=0)
+    scores = cluster_scores(found.ids, labels)
+    assert scores["nmi"] == pytest.approx(1.0) and scores["ari"] == pytest.approx(1.0)
+    assert scores["purity"] == 1.0
+    assert torch.equal(found.assign(feats), found.ids)
+    assert found.k == 4 and found.centroids.shape == (4, 16)
+
+
+def test_cluster_scores_by_hand():
+    labels = torch.tensor([0, 0, 1, 1])
+    one = cluster_scores(torch.tensor([0, 0, 0, 0]), labels)
+    assert one["nmi"] == pytest.approx(0.0) and one["ari"] == pytest.approx(0.0)
+    assert one["purity"] == 0.5
+    # clusters {0,1} {2} {3}: I(ids; labels) = 1 bit (log 2), H(labels) = log 2,
+    # H(ids) = 1.5 bits: NMI = 2 I / (H + H) = 2 / 2.5 = 0.8
+    split = cluster_scores(torch.tensor([0, 0, 1, 2]), labels)
+    assert split["nmi"] == pytest.approx(0.8) and split["purity"] == 1.0
+    # pairs: 6; same-label pairs 2, same-cluster pairs 1, both 1; expected index 2*1/6 = 1/3,
+    # ARI = (1 - 1/3) / ((2 + 1)/2 - 1/3) = (2/3) / (7/6) = 4/7
+    assert split["ari"] == pytest.approx(4 / 7)
+    with pytest.raises(ValueError, match="one length"):
+        cluster_scores(torch.tensor([0, 1]), labels)
+
+
+def test_majority_class():
+    ids = torch.tensor([0, 0, 0, 2, 2])
+    labels = torch.tensor([1, 1, 0, 3, 3])
+    assert majority_class(ids, labels, k=3).tolist() == [1, -1, 3]
+
+
+def test_class_subset_keeps_each_class_at_its_share():
+    classes = torch.arange(20_000) % 2
+    kept = class_subset(classes, (1.0, 0.1), seed=0)
+    counts = torch.bincount(classes[kept], minlength=2)
+    assert counts[0] == 10_000
+    assert abs(counts[1].item() / 10_000 - 0.1) < 4 * math.sqrt(0.09 / 10_000)
+    assert torch.equal(kept, class_subset(classes, (1.0, 0.1), seed=0))
+    with pytest.raises(ValueError, match="2 classes"):
+        class_subset(torch.tensor([0, 2]), (1.0, 0.5))
+
+
+def test_image_classes_of_simple_shapes_are_their_objects_class():
+    data = world("simple-shapes", 12, 16)
+    classes = image_classes(data, batch_size=5, progress=False)
+    sem = data.batch(list(range(12)))["semantic"]
+    assert torch.equal(classes, sem.flatten(1).max(1).values - 1)
+    assert set(classes.tolist()) <= set(range(5))
+
+
+def test_pooled_features_are_the_decoder_blocks_means(tiny_unet):
+    schedule = NoiseSchedule("cosine", 100)
+    images = torch.rand(5, 3, 8, 8, generator=make_generator(0)) * 2 - 1
+    feats = pooled_features(tiny_unet, schedule, images, t=20, batch_size=2, progress=False)
+    assert feats.shape == (5, sum(tiny_unet.decoder.block_channels))
+    # one noise for all images: an image's features do not depend on its batch
+    alone = pooled_features(tiny_unet, schedule, images[3:4], t=20, progress=False)
+    torch.testing.assert_close(alone[0], feats[3], rtol=1e-4, atol=1e-5)
+    later = pooled_features(tiny_unet, schedule, images, t=60, progress=False)
+    assert not torch.allclose(later, feats)
+
+
+def test_layouts_of_a_factorized_model_are_figure_and_ground():
+    from fdiff.factorized import FactorizedConfig, FactorizedDenoiser
+    from fdiff.unet import UNetConfig
+
+    torch.manual_seed(0)
+    model = FactorizedDenoiser(FactorizedConfig(UNetConfig(base_channels=16, channel_mults=(1, 2),
+                                                           num_heads=2))).eval()
+    images = world("simple-shapes", 6, 16)
+    layouts = segment_layouts(model, NoiseSchedule("cosine", 100), images, t=30, batch_size=4,
+                              progress=False)
+    assert layouts.shape == (6, 2, 16, 16) and layouts.dtype == torch.uint8
+    assert torch.equal(layouts[:, 0].int() + layouts[:, 1].int(),
+                       torch.full((6, 16, 16), 255, dtype=torch.int32))
+
+
+def test_conditioned_and_selected_datasets():
+    data = world("simple-shapes", 10, 16)
+    picked = Selected(data, torch.tensor([7, 2]))
+    assert len(picked) == 2
+    torch.testing.assert_close(picked.batch([1])["image"][0], data[2]["image"])
+    cond = Conditioned(picked, torch.tensor([4, 1]))
+    item = cond[0]
+    assert item["cond"].item() == 4
+    torch.testing.assert_close(item["image"], data[7]["image"])
+    lay = Conditioned(data, torch.full((10, 2, 16, 16), 255, dtype=torch.uint8))
+    assert lay.batch([0, 1])["cond"].dtype == torch.float32
+    assert lay.batch([0])["cond"].max() == 1.0
+    with pytest.raises(ValueError, match="one condition per image"):
+        Conditioned(data, torch.tensor([1, 2]))
+    with pytest.raises(IndexError):
+        Selected(data, torch.tensor([10]))
