@@ -69,6 +69,52 @@ def _seconds(cell) -> float | None:
     return (end - start).total_seconds()
 
 
+def _sliced(get_msg, step: float = 0.5):
+    """``get_msg`` of a kernel channel, waiting in slices of ``step`` seconds.
+
+    The asyncio kernel client can miss the wake-up of a message that has already arrived (seen
+    after cells that open widgets, on a busy machine): the wait then lasts its whole timeout, a
+    cell's 30 minutes, although the reply is there. A wait that ends finds it, so short waits
+    bound the delay."""
+    from queue import Empty
+
+    async def get(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = step if deadline is None else min(step, max(0.0, deadline - time.monotonic()))
+            try:
+                return await get_msg(timeout=left)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+    return get
+
+
+def execute(nb, cwd: Path, timeout: int) -> tuple[float, str | None]:
+    """Execute notebook ``nb`` in ``cwd`` with each cell's time recorded in its metadata;
+    return (seconds, None) or (seconds, the error's text)."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    class Client(NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            for channel in (kc.shell_channel, kc.iopub_channel):
+                channel.get_msg = _sliced(channel.get_msg)
+            return kc
+
+    start = time.perf_counter()
+    client = Client(nb, timeout=timeout, allow_errors=False, record_timing=True,
+                    resources={"metadata": {"path": str(cwd)}})
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        return time.perf_counter() - start, str(err)
+    except Exception as err:  # a timeout, a dead kernel
+        return time.perf_counter() - start, f"{type(err).__name__}: {err}"
+    return time.perf_counter() - start, None
+
+
 def execute_uncached(build: Path, timeout: int, paths: list[Path],
                      force: bool = False) -> dict | None:
     """Execute every notebook of ``paths`` the cache lacks (all of them with ``force``),
@@ -77,7 +123,6 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
     import nbformat
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
-    from jupyter_cache.executors.utils import single_nb_execution
 
     from fdiff.profiles import free_cores
 
@@ -97,10 +142,9 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
         threads = os.environ.get("OMP_NUM_THREADS") if user_threads else str(free_cores())
         os.environ["OMP_NUM_THREADS"] = threads
         print(f"executing {path.relative_to(ROOT)} with {threads} thread(s) ...", flush=True)
-        result = single_nb_execution(nb, cwd=str(path.parent), allow_errors=False,
-                                     timeout=timeout, meta_override=True, record_timing=True)
-        if result.err is not None:
-            print(result.exc_string, file=sys.stderr)
+        seconds, error = execute(nb, path.parent, timeout)
+        if error is not None:
+            print(error, file=sys.stderr)
             print(f"executing {path.name} failed", file=sys.stderr)
             return None
         cells = [(i, _seconds(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
@@ -108,14 +152,14 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
             c.metadata.pop("execution", None)
         stage = cache.add_nb_to_project(str(path))
         cache.cache_notebook_bundle(CacheBundleIn(nb, stage.uri,
-                                                  data={"execution_seconds": result.time}),
+                                                  data={"execution_seconds": seconds}),
                                     check_validity=False, overwrite=True)
         cells = [(i, s) for i, s in cells if s is not None]
         slowest = max(cells, key=lambda c: c[1], default=(None, 0.0))
-        times[path.stem] = {"seconds": round(result.time, 1), "threads": int(threads),
+        times[path.stem] = {"seconds": round(seconds, 1), "threads": int(threads),
                             "slowest_cell": slowest[0], "slowest_seconds": round(slowest[1], 1),
                             "cells": {str(i): round(s, 2) for i, s in cells}}
-        print(f"  {result.time / 60:.1f} minutes; slowest cell {slowest[0]}: "
+        print(f"  {seconds / 60:.1f} minutes; slowest cell {slowest[0]}: "
               f"{slowest[1] / 60:.1f} minutes", flush=True)
     return times
 
