@@ -154,7 +154,7 @@ def _ablation(about: str, **changes: Any) -> RunEntry:
 
 
 _BF16 = {"train.precision": "bf16"}
-# The share of each shape class (disk, square, triangle, star, cross) kept in the long-tail runs.
+# The share of each shape class (disk, square, triangle, ring, cross) kept in the long-tail runs.
 _LONG_TAIL = (1.0, 1.0, 1.0, 0.05, 0.05)
 _GUIDED_STEPS = {"ci": 4, "cpu": 2000, "gpu": 2000, "paper": 10_000}
 
@@ -294,8 +294,15 @@ def run_paths(name: str, run: Run) -> tuple[Path, Path]:
 def _guided_setup(run: Run, model, data, profile, progress: bool, root, download):
     """For a guided run: start the model from its base run, and return its training data with
     their conditions, the tensors to keep beside its weights and metadata of its annotation."""
-    from .annotate import (Conditioned, Selected, class_subset, image_classes, pooled_features,
-                           segment_layouts, self_annotate)
+    from .annotate import (
+        Conditioned,
+        Selected,
+        class_subset,
+        image_classes,
+        pooled_features,
+        segment_layouts,
+        self_annotate,
+    )
     from .guidance import start_from
 
     cfg, tensors, meta = run.model, {}, {}

@@ -18,6 +18,7 @@ from matplotlib import animation
 from torch import Tensor
 
 __all__ = [
+    "outline",
     "to_numpy_image",
     "show_images",
     "animate_frames",
@@ -192,6 +193,19 @@ def frame_slider(
     slider.observe(draw, names="value")
     draw()
     return widgets.VBox([slider, out])
+
+
+def outline(images: Tensor, masks: Tensor, colour: Sequence[float] = (1.0, -1.0, -1.0)) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1] with the boundary of each binary mask (N, H, W) painted in
+    ``colour`` (RGB in [-1, 1], default red): a mask's pixels with a neighbour outside it."""
+    if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"expected images (N, 3, H, W) and masks (N, H, W) of the same size, got "
+                         f"{tuple(images.shape)} and {tuple(masks.shape)}")
+    m = masks.bool().float().cpu()[:, None]
+    inner = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)  # erosion
+    edge = (m - inner).bool().expand(-1, 3, -1, -1)
+    paint = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand_as(edge)
+    return torch.where(edge, paint, images.float().cpu())
 
 
 def partition_frame(images: Tensor, masks: Tensor, alpha: float = 0.55) -> Tensor:

@@ -175,3 +175,19 @@ def test_glued_values_are_printed_at_the_end_of_their_cell(capsys):
         assert "in the text" not in capsys.readouterr().out  # nothing left over for later cells
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_outline_paints_the_masks_boundary_only():
+    from fdiff.viz import outline
+
+    images = torch.zeros(1, 3, 6, 6)
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[0, 1:5, 1:5] = True
+    out = outline(images, mask)
+    red = (out[0, 0] == 1) & (out[0, 1] == -1)
+    ring = mask[0].clone()
+    ring[2:4, 2:4] = False
+    assert torch.equal(red, ring)
+    assert torch.equal(out[0, :, 2:4, 2:4], images[0, :, 2:4, 2:4])
+    with pytest.raises(ValueError, match="same size"):
+        outline(images, mask[:, :5])

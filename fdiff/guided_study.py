@@ -1,0 +1,196 @@
+"""Chapter 6's study of guided sampling: what guidance does to samples, measured.
+
+:func:`guidance_study` samples chapter 6's guided runs (``guided_*`` in :mod:`fdiff.runs`) with
+DDIM at guidance scales w in {0, 1, 2, 4}, ``n`` images per setting, and measures:
+
+- the Fréchet distance of the samples to held-out images in the pooled features of an ImageNet
+  MobileNetV2 (:func:`fdiff.metrics.frechet_distance`), with two floors: two seeds of the
+  unguided reference apart, and training images against the held-out ones;
+- diversity: the mean pairwise distance of the samples' features, as a share of the held-out
+  images' own;
+- class match (image-level guidance): the share of samples that :mod:`fdiff.recognise`
+  recognises as the class asked for (for self-labels: the class most of the cluster's training
+  images hold);
+- layout IoU (mask-level guidance): the figure of each sample, segmented by the segmenter that
+  made the layouts, against the layout's figure;
+- the long-tail runs: class match on the rare and on the frequent classes.
+
+On two CPU cores this takes longer than a notebook cell should, so ``scripts/chapter6_guidance.py``
+runs it once for the cpu profile and the chapter loads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from .annotate import image_classes, majority_class, segment_layouts
+from .guidance import Guided
+from .imagenet import load_mobilenet_v2, pooled_features
+from .metrics import frechet_distance
+from .profiles import Profile, default_device
+from .recognise import recognise_shapes
+from .runs import load_run, read_manifest, resolve_run
+from .samplers import generate
+from .seeding import make_generator, per_sample_generators
+from .worlds import world
+
+__all__ = ["SCALES", "RARE", "GUIDED_RUNS", "diversity", "mask_iou", "guidance_study"]
+
+SCALES = (0.0, 1.0, 2.0, 4.0)
+RARE = (3, 4)  # class ids (0-based: ring, cross) the long-tail runs keep at 5%
+GUIDED_RUNS = ("ddpm_simple-shapes", "factorized_simple-shapes-replicate", "guided_none",
+               "guided_class", "guided_self", "guided_layout", "guided_class-longtail",
+               "guided_self-longtail")
+
+
+def diversity(features: torch.Tensor) -> float:
+    """Mean pairwise Euclidean distance between feature vectors (N, D)."""
+    d = torch.cdist(features.double(), features.double())
+    n = len(features)
+    return (d.sum() / (n * (n - 1))).item()
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of two sets of boolean masks (N, H, W), per image (an empty pair scores 1)."""
+    inter, union = (a & b).flatten(1).sum(1).float(), (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def guidance_study(profile: Profile, n: int = 256, train: bool = False,
+                   progress: bool = True) -> dict:
+    """Measure chapter 6's guided runs of ``profile`` (module docstring) on ``n`` samples per
+    setting; ``train``: train runs that are not committed, published or cached (else they must
+    be). Returns the measurements as JSON values, with the sha256 of each committed checkpoint
+    used (None for one trained here)."""
+    S = profile.image_size
+    manifest = read_manifest()
+    schedule = resolve_run("guided_none", profile).schedule.build()
+    net = load_mobilenet_v2()
+    held_out = world("simple-shapes", max(n, 256), S, split="test").batch(list(range(n)))
+    train_images = world("simple-shapes", profile.num_train_images, S, split="train")
+    reference = pooled_features(net, held_out["image"])
+    classes = image_classes(train_images, progress=False)
+    device = default_device()
+    start = time.perf_counter()
+
+    def guided(model, cond: torch.Tensor, w: float):
+        """The guided denoiser; at w = 0 and 1 only the one input that counts runs."""
+        if w == 0:
+            return lambda x, t: model(x, t, None)
+        if w == 1:
+            return lambda x, t: model(x, t, cond.to(x.device))
+        return Guided(model, cond, w)
+
+    def sample(denoiser, seed: int) -> torch.Tensor:
+        return generate(denoiser, schedule, (n, 3, S, S), method="ddim",
+                        num_steps=profile.ddim_steps, generator=per_sample_generators(seed, n),
+                        device=device)
+
+    def scores(images: torch.Tensor) -> dict:
+        feats = pooled_features(net, images)
+        return {"fd": round(frechet_distance(feats, reference), 3),
+                "diversity": round(diversity(feats) / diversity(reference), 4)}
+
+    def log(text: str) -> None:
+        if progress:
+            print(f"{text}  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    models, sha = {}, {}
+    for name in GUIDED_RUNS:
+        models[name], _ = load_run(name, profile, train=train, progress=False)
+        entry = manifest.get(name)
+        sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
+            .to_json() else None
+
+    result: dict = {"profile": profile.name, "n": n, "ddim_steps": profile.ddim_steps,
+                    "scales": list(SCALES), "sha256": sha}
+
+    # floors: the unguided reference from two seeds, and training images vs held-out ones
+    unguided = [sample(models["guided_none"], seed) for seed in (100, 200)]
+    fds = [scores(x)["fd"] for x in unguided]
+    result["unguided"] = {**scores(unguided[0]), "fd_other_seed": fds[1],
+                          "recognised": round(recognise_shapes(unguided[0]).rate, 4)}
+    result["fd_seed_spread"] = round(abs(fds[0] - fds[1]), 3)
+    train_batch = train_images.batch(list(range(n)))["image"]
+    result["fd_training_images"] = scores(train_batch)["fd"]
+    log(f"unguided: FD {fds[0]:.2f} / {fds[1]:.2f} (two seeds); training images "
+        f"{result['fd_training_images']:.2f}")
+
+    def guided_sweep(key: str, model, cond: torch.Tensor, wanted: torch.Tensor | None,
+                     layout_fg: torch.Tensor | None = None) -> dict:
+        """FD, diversity, class match or layout IoU of ``model`` guided by ``cond`` at each w."""
+        out = {}
+        for w in SCALES:
+            x = sample(guided(model, cond, w), 100)
+            row = scores(x)
+            if wanted is not None:
+                report = recognise_shapes(x)
+                row["class_match"] = round((report.ok & (report.label == wanted + 1))
+                                           .float().mean().item(), 4)
+                row["recognised"] = round(report.rate, 4)
+            if layout_fg is not None:
+                seg = segment_layouts(models["factorized_simple-shapes-replicate"], schedule, x,
+                                      models["guided_layout"].config.annotation_t(
+                                          schedule.num_timesteps), progress=False)
+                row["layout_iou"] = round(mask_iou(seg[:, 0] > 0, layout_fg).mean().item(), 4)
+            out[str(w)] = row
+            log(f"{key} w = {w}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        return out
+
+    # image level: true classes, evenly; self-labels, drawn as often as in the training data
+    label_cond = torch.arange(n) % 5
+    result["class"] = guided_sweep("class", models["guided_class"], label_cond, label_cond)
+    self_model, self_meta = load_run("guided_self", profile, train=train, progress=False)
+    ids = self_meta["tensors"]["cluster_ids"]
+    k = self_model.config.num_classes
+    majority = majority_class(ids, classes, k)
+    self_cond = ids[torch.randint(len(ids), (n,), generator=make_generator(6))]
+    result["self"] = guided_sweep("self", self_model, self_cond, majority[self_cond])
+    # mask level: the layouts of held-out images, made by the segmenter the run trained with
+    layout_model = models["guided_layout"]
+    t_seg = layout_model.config.annotation_t(schedule.num_timesteps)
+    layouts = segment_layouts(models["factorized_simple-shapes-replicate"], schedule,
+                              held_out["image"], t_seg, progress=False)
+    truth_iou = mask_iou(layouts[:, 0] > 0, held_out["mask"] > 0).mean().item()
+    result["layout_vs_truth_iou"] = round(truth_iou, 4)
+    result["layout"] = guided_sweep("layout", layout_model, layouts.float() / 255, None,
+                                    layouts[:, 0] > 0)
+
+    # imbalance: each long-tail model asked for the rare classes (self-labels: the clusters
+    # whose training images are mostly of a rare class) and for the frequent ones
+    longtail = {}
+    lt_class_model, lt_meta = load_run("guided_class-longtail", profile, train=train,
+                                       progress=False)
+    kept = lt_meta["tensors"]["train_indices"]
+    counts = torch.bincount(classes[kept], minlength=5)
+    longtail["class_counts"] = counts.tolist()
+    for which, pool in (("rare", RARE), ("frequent", tuple(c for c in range(5) if c not in RARE))):
+        cond = torch.tensor(pool)[torch.arange(n) % len(pool)]
+        x = sample(Guided(lt_class_model, cond, 2.0), 100)
+        rep = recognise_shapes(x)
+        longtail[f"class_{which}_match"] = round((rep.ok & (rep.label == cond + 1)).float()
+                                                 .mean().item(), 4)
+    lt_self_model, lt_self_meta = load_run("guided_self-longtail", profile, train=train,
+                                           progress=False)
+    lt_ids = lt_self_meta["tensors"]["cluster_ids"]
+    lt_classes = classes[lt_self_meta["tensors"]["train_indices"]]
+    lt_major = majority_class(lt_ids, lt_classes, lt_self_model.config.num_classes)
+    longtail["self_clusters_per_class"] = torch.bincount(lt_major[lt_major >= 0],
+                                                         minlength=5).tolist()
+    for which, pool in (("rare", RARE), ("frequent", tuple(c for c in range(5) if c not in RARE))):
+        clusters = torch.tensor([c for c in range(len(lt_major)) if int(lt_major[c]) in pool])
+        if not len(clusters):  # no cluster holds mostly these classes: they cannot be asked for
+            longtail[f"self_{which}_match"] = 0.0
+            continue
+        cond = clusters[torch.arange(n) % len(clusters)]
+        x = sample(Guided(lt_self_model, cond, 2.0), 100)
+        rep = recognise_shapes(x)
+        longtail[f"self_{which}_match"] = round((rep.ok & (rep.label == lt_major[cond] + 1))
+                                                .float().mean().item(), 4)
+    result["longtail"] = longtail
+    log("long tail: " + json.dumps(longtail))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result

@@ -1,0 +1,46 @@
+"""Chapter 6's measurements of guided sampling (:func:`fdiff.guided_study.guidance_study`):
+Fréchet distance, diversity, class match and layout IoU of the guided runs at w in {0, 1, 2, 4},
+and the long-tail runs. They take about a quarter of an hour on two CPU cores, longer than a
+notebook cell should, so the chapter loads the result, ``data/results/chapter6_guidance.json``,
+which records the sha256 of every checkpoint it used; the chapter checks them against the
+manifest. One command::
+
+    python scripts/chapter6_guidance.py
+    python scripts/chapter6_guidance.py --profile ci --n 8 --out /tmp/g.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fdiff.checkpoints import atomic_path
+from fdiff.guided_study import guidance_study
+from fdiff.profiles import get_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "data" / "results" / "chapter6_guidance.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=256, help="samples per setting (default 256)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--profile", default="cpu",
+                        help="cpu (default; committed checkpoints) or ci (trains tiny runs)")
+    args = parser.parse_args(argv)
+    profile = get_profile(args.profile)
+    result = guidance_study(profile, args.n, train=profile.name == "ci")
+    command = "python scripts/chapter6_guidance.py" + (f" --n {args.n}" if args.n != 256 else "")
+    result = {"command": command, **result}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
