@@ -37,7 +37,7 @@ from .samplers import generate
 from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
-__all__ = ["SCALES", "RARE", "GUIDED_RUNS", "diversity", "mask_iou", "guidance_study"]
+__all__ = ["SCALES", "RARE", "GUIDED_RUNS", "PARTS", "diversity", "mask_iou", "guidance_study"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
 RARE = (3, 4)  # class ids (0-based: ring, cross) the long-tail runs keep at 5%
@@ -59,12 +59,18 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+PARTS = ("main", "longtail")
+
+
 def guidance_study(profile: Profile, n: int = 256, train: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, parts: tuple[str, ...] = PARTS) -> dict:
     """Measure chapter 6's guided runs of ``profile`` (module docstring) on ``n`` samples per
     setting; ``train``: train runs that are not committed, published or cached (else they must
-    be). Returns the measurements as JSON values, with the sha256 of each committed checkpoint
-    used (None for one trained here)."""
+    be). ``parts``: "main" (the floors, image- and mask-level guidance) and/or "longtail".
+    Returns the measurements as JSON values, with the sha256 of each committed checkpoint used
+    (None for one trained here)."""
+    if not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"parts must be some of {PARTS}, got {parts}")
     S = profile.image_size
     manifest = read_manifest()
     schedule = resolve_run("guided_none", profile).schedule.build()
@@ -100,6 +106,8 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
 
     models, sha = {}, {}
     for name in GUIDED_RUNS:
+        if ("longtail" if "longtail" in name else "main") not in parts:
+            continue
         models[name], _ = load_run(name, profile, train=train, progress=False)
         entry = manifest.get(name)
         sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
@@ -107,6 +115,17 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
 
     result: dict = {"profile": profile.name, "n": n, "ddim_steps": profile.ddim_steps,
                     "scales": list(SCALES), "sha256": sha}
+    if "main" in parts:
+        _main_part(result, models, profile, n, sample, scores, guided, log, classes, held_out,
+                   train_images, schedule, train)
+    if "longtail" in parts:
+        _longtail_part(result, profile, n, sample, guided, log, classes, train)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _main_part(result, models, profile, n, sample, scores, guided, log, classes, held_out,
+               train_images, schedule, train) -> None:
 
     # floors: the unguided reference from two seeds, and training images vs held-out ones
     unguided = [sample(models["guided_none"], seed) for seed in (100, 200)]
@@ -159,6 +178,9 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
     result["layout"] = guided_sweep("layout", layout_model, layouts.float() / 255, None,
                                     layouts[:, 0] > 0)
 
+
+
+def _longtail_part(result, profile, n, sample, guided, log, classes, train) -> None:
     # imbalance: each long-tail model asked for the rare classes (self-labels: the clusters
     # whose training images are mostly of a rare class) and for the frequent ones
     longtail = {}
@@ -192,5 +214,3 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
                                                 .float().mean().item(), 4)
     result["longtail"] = longtail
     log("long tail: " + json.dumps(longtail))
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    return result

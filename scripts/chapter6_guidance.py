@@ -7,6 +7,7 @@ manifest. One command::
 
     python scripts/chapter6_guidance.py
     python scripts/chapter6_guidance.py --profile ci --n 8 --out /tmp/g.json   # smoke test
+    python scripts/chapter6_guidance.py --part main; ... --part longtail      # in two goes
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from fdiff.checkpoints import atomic_path
-from fdiff.guided_study import guidance_study
+from fdiff.guided_study import PARTS, guidance_study
 from fdiff.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--profile", default="cpu",
                         help="cpu (default; committed checkpoints) or ci (trains tiny runs)")
+    parser.add_argument("--part", choices=PARTS, action="append",
+                        help="measure only this part (repeatable) and update its keys in --out")
     args = parser.parse_args(argv)
     profile = get_profile(args.profile)
-    result = guidance_study(profile, args.n, train=profile.name == "ci")
+    parts = tuple(args.part or PARTS)
+    result = guidance_study(profile, args.n, train=profile.name == "ci", parts=parts)
     command = "python scripts/chapter6_guidance.py" + (f" --n {args.n}" if args.n != 256 else "")
-    result = {"command": command, **result}
+    if args.part and args.out.is_file():  # one part: keep the other's measurements
+        old = json.loads(args.out.read_text())
+        if old.get("n") != args.n or old.get("profile") != profile.name:
+            parser.error(f"{args.out} holds another setting (n, profile): measure every part")
+        result = {**old, **result, "sha256": {**old["sha256"], **result["sha256"]},
+                  "seconds": round(old.get("seconds", 0) + result["seconds"], 1)}
+    result = {**result, "command": command}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")

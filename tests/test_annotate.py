@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from fdiff.annotate import (Conditioned, Selected, class_subset, cluster_scores, image_classes,
-                            majority_class, pooled_features, segment_layouts, self_annotate)
+from fdiff.annotate import (
+    Conditioned,
+    Selected,
+    class_subset,
+    cluster_scores,
+    image_classes,
+    majority_class,
+    pooled_features,
+    segment_layouts,
+    self_annotate,
+)
 from fdiff.schedules import NoiseSchedule
 from fdiff.seeding import make_generator
 from fdiff.worlds import world
