@@ -35,6 +35,11 @@ __all__ = ["pooled_features", "SelfLabels", "self_annotate", "cluster_scores", "
            "image_classes", "class_subset", "segment_layouts", "Selected", "Conditioned"]
 
 
+def _images_at(images, idx: list[int]) -> Tensor:
+    """Images ``idx`` of a tensor (N, C, H, W) or of a dataset."""
+    return images[idx] if isinstance(images, Tensor) else stack_images(images, idx)
+
+
 @torch.no_grad()
 def pooled_features(model: nn.Module, schedule, images, t: int, noise_seed: int = 0,
                     batch_size: int = 256, progress: bool = True) -> Tensor:
@@ -54,7 +59,7 @@ def pooled_features(model: nn.Module, schedule, images, t: int, noise_seed: int 
     out, noise = [], None
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"features t={t}"):
         idx = list(range(start, min(n, start + batch_size)))
-        x0 = images[idx] if isinstance(images, Tensor) else stack_images(images, idx)
+        x0 = _images_at(images, idx)
         if noise is None:
             noise = randn((1, *x0.shape[1:]), make_generator(noise_seed))
         x0 = x0.to(device)
@@ -174,7 +179,7 @@ def segment_layouts(segmenter: nn.Module, schedule, images, t: int, batch_size: 
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="layouts"):
         idx = list(range(start, min(n, start + batch_size)))
-        x0 = images[idx] if isinstance(images, Tensor) else stack_images(images, idx)
+        x0 = _images_at(images, idx)
         noise = torch.cat([randn((1, *x0.shape[1:]), make_generator(seed, i)) for i in idx])
         if isinstance(segmenter, FactorizedDenoiser):
             masks = segment(segmenter, schedule, x0, t, noise=noise)

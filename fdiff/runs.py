@@ -316,7 +316,6 @@ def _guided_setup(run: Run, model, data, profile, progress: bool, root, download
         start_from(model, other(cfg.start_from).cpu())
     classes = image_classes(data, progress=progress) if cfg.class_share or \
         cfg.condition == "class" else None
-    indices = None
     if cfg.class_share:
         indices = class_subset(classes, cfg.class_share, seed=run.train.seed)
         tensors["train_indices"] = indices
