@@ -32,7 +32,8 @@ from .profiles import model_device
 from .seeding import make_generator, randn
 
 __all__ = ["pooled_features", "SelfLabels", "self_annotate", "cluster_scores", "majority_class",
-           "image_classes", "class_subset", "segment_layouts", "Selected", "Conditioned"]
+           "cluster_purity", "image_classes", "class_subset", "segment_layouts", "Selected",
+           "Conditioned"]
 
 
 def _images_at(images, idx: list[int]) -> Tensor:
@@ -126,13 +127,25 @@ def cluster_scores(ids: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
-def majority_class(ids: Tensor, labels: Tensor, k: int | None = None) -> Tensor:
-    """The most frequent true label in each of the clusters 0..k-1 (-1 for an empty cluster)."""
+def _cluster_counts(ids: Tensor, labels: Tensor, k: int | None) -> Tensor:
+    """How many images of each true label (columns) each cluster 0..k-1 (rows) holds."""
     ids, labels = torch.as_tensor(ids).long(), torch.as_tensor(labels).long()
     k = int(ids.max()) + 1 if k is None else k
     counts = torch.zeros(k, int(labels.max()) + 1, dtype=torch.long)
     counts.index_put_((ids, labels), torch.ones_like(ids), accumulate=True)
-    return torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((k,), -1))
+    return counts
+
+
+def majority_class(ids: Tensor, labels: Tensor, k: int | None = None) -> Tensor:
+    """The most frequent true label in each of the clusters 0..k-1 (-1 for an empty cluster)."""
+    counts = _cluster_counts(ids, labels, k)
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((len(counts),), -1))
+
+
+def cluster_purity(ids: Tensor, labels: Tensor, k: int | None = None) -> Tensor:
+    """The share of each cluster 0..k-1 that holds its most frequent true label (0 if empty)."""
+    counts = _cluster_counts(ids, labels, k)
+    return counts.max(1).values.double() / counts.sum(1).clamp_min(1)
 
 
 def image_classes(dataset, batch_size: int = 500, progress: bool = True) -> Tensor:

@@ -10,10 +10,14 @@ DDIM at guidance scales w in {0, 1, 2, 4}, ``n`` images per setting, and measure
   images' own;
 - class match (image-level guidance): the share of samples that :mod:`fdiff.recognise`
   recognises as the class asked for (for self-labels: the class most of the cluster's training
-  images hold);
+  images hold), overall and per class asked for; for self-labels also on the pure clusters
+  alone (:data:`PURE`), which parts the model's following of its condition from the clusters'
+  mixing of classes;
 - layout IoU (mask-level guidance): the figure of each sample, segmented by the segmenter that
   made the layouts, against the layout's figure;
-- the long-tail runs: class match on the rare and on the frequent classes.
+- the long-tail runs: class match on the rare and on the frequent classes;
+- how many clusters: the self-guided recipe with 10, 20 and 50 clusters, at w = 2 (NMI, purity,
+  class match overall and on the pure clusters).
 
 On two CPU cores this takes longer than a notebook cell should, so ``scripts/chapter6_guidance.py``
 runs it once for the cpu profile and the chapter loads the result.
@@ -26,7 +30,7 @@ import time
 
 import torch
 
-from .annotate import image_classes, majority_class, segment_layouts
+from .annotate import cluster_purity, cluster_scores, image_classes, majority_class, segment_layouts
 from .guidance import Guided
 from .imagenet import load_mobilenet_v2, pooled_features
 from .metrics import frechet_distance
@@ -37,13 +41,19 @@ from .samplers import generate
 from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
-__all__ = ["SCALES", "RARE", "GUIDED_RUNS", "PARTS", "diversity", "mask_iou", "guidance_study"]
+__all__ = ["SCALES", "PURE", "RARE", "CLUSTER_COUNTS", "PART_RUNS", "GUIDED_RUNS", "PARTS",
+           "diversity", "mask_iou", "guidance_study"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
+PURE = 0.95  # a cluster is pure when this share of its training images hold one class
 RARE = (3, 4)  # class ids (0-based: ring, cross) the long-tail runs keep at 5%
-GUIDED_RUNS = ("ddpm_simple-shapes", "factorized_simple-shapes-replicate", "guided_none",
-               "guided_class", "guided_self", "guided_layout", "guided_class-longtail",
-               "guided_self-longtail")
+CLUSTER_COUNTS = (10, 20, 50)  # the self-guided runs of the "clusters" part
+# The runs the study loads, by the part of it that uses them
+PART_RUNS = {"main": ("ddpm_simple-shapes", "factorized_simple-shapes-replicate", "guided_none",
+                      "guided_class", "guided_self", "guided_layout"),
+             "longtail": ("guided_class-longtail", "guided_self-longtail"),
+             "clusters": ("guided_self-k10", "guided_self-k20", "guided_self")}
+GUIDED_RUNS = tuple(dict.fromkeys(name for runs in PART_RUNS.values() for name in runs))
 
 
 def diversity(features: torch.Tensor) -> float:
@@ -59,7 +69,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-PARTS = ("main", "longtail")
+PARTS = tuple(PART_RUNS)
 
 
 def guidance_study(profile: Profile, n: int = 256, train: bool = False,
@@ -105,9 +115,7 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
             print(f"{text}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
     models, sha = {}, {}
-    for name in GUIDED_RUNS:
-        if ("longtail" if "longtail" in name else "main") not in parts:
-            continue
+    for name in dict.fromkeys(name for part in parts for name in PART_RUNS[part]):
         models[name], _ = load_run(name, profile, train=train, progress=False)
         entry = manifest.get(name)
         sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
@@ -120,6 +128,8 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
                    train_images, schedule, train)
     if "longtail" in parts:
         _longtail_part(result, profile, n, sample, guided, log, classes, train)
+    if "clusters" in parts:
+        _clusters_part(result, profile, n, sample, log, classes, train)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -139,17 +149,24 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
         f"{result['fd_training_images']:.2f}")
 
     def guided_sweep(key: str, model, cond: torch.Tensor, wanted: torch.Tensor | None,
-                     layout_fg: torch.Tensor | None = None) -> dict:
-        """FD, diversity, class match or layout IoU of ``model`` guided by ``cond`` at each w."""
+                     layout_fg: torch.Tensor | None = None,
+                     pure: torch.Tensor | None = None) -> dict:
+        """FD, diversity, class match or layout IoU of ``model`` guided by ``cond`` at each w.
+        Class match is also given per class asked for, and (``pure``: the samples whose
+        cluster is pure) on the pure clusters alone."""
         out = {}
         for w in SCALES:
             x = sample(guided(model, cond, w), 100)
             row = scores(x)
             if wanted is not None:
                 report = recognise_shapes(x)
-                row["class_match"] = round((report.ok & (report.label == wanted + 1))
-                                           .float().mean().item(), 4)
+                match = (report.ok & (report.label == wanted + 1)).float()
+                row["class_match"] = round(match.mean().item(), 4)
                 row["recognised"] = round(report.rate, 4)
+                row["match_by_class"] = [round(match[wanted == c].mean().item(), 4)
+                                         if (wanted == c).any() else None for c in range(5)]
+                if pure is not None and pure.any():
+                    row["pure_match"] = round(match[pure].mean().item(), 4)
             if layout_fg is not None:
                 seg = segment_layouts(models["factorized_simple-shapes-replicate"], schedule, x,
                                       models["guided_layout"].config.annotation_t(
@@ -165,9 +182,11 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
     self_model, self_meta = load_run("guided_self", profile, train=train, progress=False)
     ids = self_meta["tensors"]["cluster_ids"]
     k = self_model.config.num_classes
-    majority = majority_class(ids, classes, k)
-    self_cond = ids[torch.randint(len(ids), (n,), generator=make_generator(6))]
-    result["self"] = guided_sweep("self", self_model, self_cond, majority[self_cond])
+    self_cond, wanted, purity = _self_conditions(ids, classes, k, n)
+    pure = purity >= PURE
+    result["self_asked_purity"] = round(purity.mean().item(), 4)
+    result["self_pure_share"] = round(pure.float().mean().item(), 4)
+    result["self"] = guided_sweep("self", self_model, self_cond, wanted, pure=pure)
     # mask level: the layouts of held-out images, made by the segmenter the run trained with
     layout_model = models["guided_layout"]
     t_seg = layout_model.config.annotation_t(schedule.num_timesteps)
@@ -214,3 +233,38 @@ def _longtail_part(result, profile, n, sample, guided, log, classes, train) -> N
                                                 .float().mean().item(), 4)
     result["longtail"] = longtail
     log("long tail: " + json.dumps(longtail))
+
+
+def _self_conditions(ids: torch.Tensor, classes: torch.Tensor, k: int, n: int):
+    """``n`` self-labels drawn as often as the training data holds them, with the class each
+    asks for (its cluster's majority class) and the purity of its cluster."""
+    cond = ids[torch.randint(len(ids), (n,), generator=make_generator(6))]
+    return (cond, majority_class(ids, classes, k)[cond], cluster_purity(ids, classes, k)[cond])
+
+
+def _self_guided_match(model, ids: torch.Tensor, classes: torch.Tensor, n: int, sample,
+                       w: float) -> dict:
+    """Class match of a self-guided model at scale ``w``, overall and on the pure clusters."""
+    cond, wanted, purity = _self_conditions(ids, classes, model.config.num_classes, n)
+    report = recognise_shapes(sample(Guided(model, cond, w), 100))
+    match = (report.ok & (report.label == wanted + 1)).float()
+    pure = purity >= PURE
+    return {"class_match": round(match.mean().item(), 4), "recognised": round(report.rate, 4),
+            "pure_share": round(pure.float().mean().item(), 4),
+            "pure_match": round(match[pure].mean().item(), 4) if pure.any() else None}
+
+
+def _clusters_part(result, profile, n, sample, log, classes, train) -> None:
+    # how many clusters: the same self-guided recipe with k = 10, 20, 50, at w = 2
+    out = {}
+    for k in CLUSTER_COUNTS:
+        name = "guided_self" if k == 50 else f"guided_self-k{k}"
+        model, meta = load_run(name, profile, train=train, progress=False)
+        if model.config.num_classes != k:
+            raise ValueError(f"{name} has {model.config.num_classes} clusters, expected {k}")
+        ids = meta["tensors"]["cluster_ids"]
+        scores = cluster_scores(ids, classes)
+        out[str(k)] = {"nmi": round(scores["nmi"], 4), "purity": round(scores["purity"], 4),
+                       **_self_guided_match(model, ids, classes, n, sample, 2.0)}
+        log(f"k = {k}: " + json.dumps(out[str(k)]))
+    result["clusters"] = out

@@ -1,13 +1,14 @@
 """Chapter 6's measurements of guided sampling (:func:`fdiff.guided_study.guidance_study`):
 Fréchet distance, diversity, class match and layout IoU of the guided runs at w in {0, 1, 2, 4},
-and the long-tail runs. They take about a quarter of an hour on two CPU cores, longer than a
+the long-tail runs, and the self-guided runs with 10, 20 and 50 clusters. They take about half
+an hour on two CPU cores, longer than a
 notebook cell should, so the chapter loads the result, ``data/results/chapter6_guidance.json``,
 which records the sha256 of every checkpoint it used; the chapter checks them against the
 manifest. One command::
 
     python scripts/chapter6_guidance.py
     python scripts/chapter6_guidance.py --profile ci --n 8 --out /tmp/g.json   # smoke test
-    python scripts/chapter6_guidance.py --part main; ... --part longtail      # in two goes
+    python scripts/chapter6_guidance.py --part main; ... --part longtail      # in parts
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from fdiff.annotate import (
     Conditioned,
     Selected,
     class_subset,
+    cluster_purity,
     cluster_scores,
     image_classes,
     majority_class,
@@ -56,6 +57,8 @@ def test_majority_class():
     ids = torch.tensor([0, 0, 0, 2, 2])
     labels = torch.tensor([1, 1, 0, 3, 3])
     assert majority_class(ids, labels, k=3).tolist() == [1, -1, 3]
+    # cluster 0 holds two of its three images in label 1; cluster 1 is empty; cluster 2 is pure
+    assert cluster_purity(ids, labels, k=3).tolist() == pytest.approx([2 / 3, 0.0, 1.0])
 
 
 def test_class_subset_keeps_each_class_at_its_share():

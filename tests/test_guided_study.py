@@ -1,0 +1,48 @@
+"""fdiff.guided_study: chapter 6's measurements, run end to end on the ci profile's tiny models."""
+
+import pytest
+import torch
+
+from fdiff import get_profile
+from fdiff.guided_study import PURE, SCALES, diversity, guidance_study, mask_iou
+
+
+def test_mask_iou_per_image():
+    a = torch.zeros(3, 4, 4, dtype=torch.bool)
+    b = torch.zeros(3, 4, 4, dtype=torch.bool)
+    a[0, :2], b[0, :1] = True, True  # 4 of 8 pixels shared
+    a[1, 0, 0] = True  # disjoint from an empty mask
+    # image 2: both empty, which counts as agreement
+    assert mask_iou(a, b).tolist() == pytest.approx([0.5, 0.0, 1.0])
+
+
+def test_diversity_is_the_mean_pairwise_distance():
+    feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    # pairs (0,1) and (1,2) are 5 apart, (0,2) 0 apart: mean over the 3 pairs
+    assert diversity(feats) == pytest.approx(10 / 3)
+
+
+def test_the_study_measures_every_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
+    n = 5  # one sample of each class asked for
+    out = guidance_study(get_profile("ci"), n=n, train=True, progress=False)
+    assert out["n"] == n and out["scales"] == list(SCALES)
+    assert all(sha is None for sha in out["sha256"].values())  # trained here, not committed
+    assert out["fd_seed_spread"] >= 0
+    for key in ("class", "self", "layout"):
+        assert set(out[key]) == {str(w) for w in SCALES}
+    for w in SCALES:
+        row = out["class"][str(w)]
+        # each class asked for once: the overall match is the mean of the per-class ones
+        assert len(row["match_by_class"]) == 5
+        assert sum(row["match_by_class"]) / 5 == pytest.approx(row["class_match"], abs=1e-3)
+        assert 0 <= row["class_match"] <= row["recognised"] <= 1
+        self_row = out["self"][str(w)]
+        assert 0 <= self_row["class_match"] <= self_row["recognised"] <= 1
+        if out["self_pure_share"] > 0:
+            assert 0 <= self_row["pure_match"] <= 1
+        assert 0 <= out["layout"][str(w)]["layout_iou"] <= 1
+    assert 0 < out["self_asked_purity"] <= 1 and 0 <= out["self_pure_share"] <= 1
+    assert PURE < 1
+    lt = out["longtail"]
+    assert len(lt["class_counts"]) == 5 and sum(lt["self_clusters_per_class"]) <= 50
