@@ -2,9 +2,8 @@
 Fréchet distance, diversity, class match and layout IoU of the guided runs at w in {0, 1, 2, 4},
 the long-tail runs, and the self-guided runs with 10, 20 and 50 clusters. They took 39 minutes
 on two CPU cores (n = 256), longer than a notebook cell should, so the chapter loads the result,
-``data/results/chapter6_guidance.json``,
-which records the sha256 of every checkpoint it used; the chapter checks them against the
-manifest. One command::
+``data/results/chapter6_guidance.json``, which records the sha256 of every checkpoint it used;
+the chapter checks them against the manifest. One command::
 
     python scripts/chapter6_guidance.py
     python scripts/chapter6_guidance.py --profile ci --n 8 --out /tmp/g.json   # smoke test
