@@ -42,7 +42,7 @@ from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
 __all__ = ["SCALES", "PURE", "RARE", "CLUSTER_COUNTS", "PART_RUNS", "GUIDED_RUNS", "PARTS",
-           "diversity", "mask_iou", "guidance_study"]
+           "diversity", "mask_iou", "same_shapes_baseline", "guidance_study"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
 PURE = 0.95  # a cluster is pure when this share of its training images hold one class
@@ -53,6 +53,7 @@ PART_RUNS = {"main": ("ddpm_simple-shapes", "factorized_simple-shapes-replicate"
                       "guided_class", "guided_self", "guided_layout"),
              "longtail": ("guided_class-longtail", "guided_self-longtail"),
              "clusters": ("guided_self-k10", "guided_self-k20", "guided_self")}
+PARTS = tuple(PART_RUNS)
 GUIDED_RUNS = tuple(dict.fromkeys(name for runs in PART_RUNS.values() for name in runs))
 
 
@@ -69,14 +70,12 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-PARTS = tuple(PART_RUNS)
-
-
 def guidance_study(profile: Profile, n: int = 256, train: bool = False,
                    progress: bool = True, parts: tuple[str, ...] = PARTS) -> dict:
     """Measure chapter 6's guided runs of ``profile`` (module docstring) on ``n`` samples per
     setting; ``train``: train runs that are not committed, published or cached (else they must
-    be). ``parts``: "main" (the floors, image- and mask-level guidance) and/or "longtail".
+    be). ``parts``: some of "main" (the floors, image- and mask-level guidance), "longtail" and
+    "clusters" (the module's description).
     Returns the measurements as JSON values, with the sha256 of each committed checkpoint used
     (None for one trained here)."""
     if not parts or any(p not in PARTS for p in parts):
@@ -159,14 +158,7 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
             x = sample(guided(model, cond, w), 100)
             row = scores(x)
             if wanted is not None:
-                report = recognise_shapes(x)
-                match = (report.ok & (report.label == wanted + 1)).float()
-                row["class_match"] = round(match.mean().item(), 4)
-                row["recognised"] = round(report.rate, 4)
-                row["match_by_class"] = [round(match[wanted == c].mean().item(), 4)
-                                         if (wanted == c).any() else None for c in range(5)]
-                if pure is not None and pure.any():
-                    row["pure_match"] = round(match[pure].mean().item(), 4)
+                row.update(_match_scores(x, wanted, pure))
             if layout_fg is not None:
                 seg = segment_layouts(models["factorized_simple-shapes-replicate"], schedule, x,
                                       models["guided_layout"].config.annotation_t(
@@ -196,7 +188,6 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
     result["layout_vs_truth_iou"] = round(truth_iou, 4)
     result["layout"] = guided_sweep("layout", layout_model, layouts.float() / 255, None,
                                     layouts[:, 0] > 0)
-
 
 
 def _longtail_part(result, profile, n, sample, guided, log, classes, train) -> None:
@@ -235,6 +226,20 @@ def _longtail_part(result, profile, n, sample, guided, log, classes, train) -> N
     log("long tail: " + json.dumps(longtail))
 
 
+def _match_scores(images: torch.Tensor, wanted: torch.Tensor,
+                  pure: torch.Tensor | None = None) -> dict:
+    """Class match of ``images`` against the classes ``wanted`` (0-based): overall, per class
+    asked for (None for a class never asked for), and on the ``pure`` samples alone if given."""
+    report = recognise_shapes(images)
+    match = (report.ok & (report.label == wanted + 1)).float()
+    out = {"class_match": round(match.mean().item(), 4), "recognised": round(report.rate, 4),
+           "match_by_class": [round(match[wanted == c].mean().item(), 4)
+                              if (wanted == c).any() else None for c in range(5)]}
+    if pure is not None and pure.any():
+        out["pure_match"] = round(match[pure].mean().item(), 4)
+    return out
+
+
 def _self_conditions(ids: torch.Tensor, classes: torch.Tensor, k: int, n: int):
     """``n`` self-labels drawn as often as the training data holds them, with the class each
     asks for (its cluster's majority class) and the purity of its cluster."""
@@ -246,12 +251,11 @@ def _self_guided_match(model, ids: torch.Tensor, classes: torch.Tensor, n: int, 
                        w: float) -> dict:
     """Class match of a self-guided model at scale ``w``, overall and on the pure clusters."""
     cond, wanted, purity = _self_conditions(ids, classes, model.config.num_classes, n)
-    report = recognise_shapes(sample(Guided(model, cond, w), 100))
-    match = (report.ok & (report.label == wanted + 1)).float()
     pure = purity >= PURE
-    return {"class_match": round(match.mean().item(), 4), "recognised": round(report.rate, 4),
-            "pure_share": round(pure.float().mean().item(), 4),
-            "pure_match": round(match[pure].mean().item(), 4) if pure.any() else None}
+    scores = _match_scores(sample(Guided(model, cond, w), 100), wanted, pure)
+    out = {key: scores.get(key) for key in ("class_match", "recognised", "pure_match")}
+    out["pure_share"] = round(pure.float().mean().item(), 4)
+    return out
 
 
 def _clusters_part(result, profile, n, sample, log, classes, train) -> None:
@@ -264,7 +268,29 @@ def _clusters_part(result, profile, n, sample, log, classes, train) -> None:
             raise ValueError(f"{name} has {model.config.num_classes} clusters, expected {k}")
         ids = meta["tensors"]["cluster_ids"]
         scores = cluster_scores(ids, classes)
+        if name == "guided_self" and "self" in result:  # sampled by the main part already
+            row = result["self"]["2.0"]
+            match = {key: row.get(key) for key in ("class_match", "recognised", "pure_match")}
+            match["pure_share"] = result["self_pure_share"]
+        else:
+            match = _self_guided_match(model, ids, classes, n, sample, 2.0)
         out[str(k)] = {"nmi": round(scores["nmi"], 4), "purity": round(scores["purity"], 4),
-                       **_self_guided_match(model, ids, classes, n, sample, 2.0)}
+                       **match}
         log(f"k = {k}: " + json.dumps(out[str(k)]))
     result["clusters"] = out
+
+
+def same_shapes_baseline(ids: torch.Tensor, classes: torch.Tensor, k: int,
+                         match_by_class: list) -> float | None:
+    """The class match that true-label guidance gives on the shapes the pure clusters hold:
+    ``match_by_class`` (the true-label model's match per class) averaged over the majority
+    classes of the training images in pure clusters (:data:`PURE`). None if no cluster is pure
+    or none of their classes was measured."""
+    in_pure = cluster_purity(ids, classes, k)[ids] >= PURE
+    mix = torch.bincount(majority_class(ids, classes, k)[ids][in_pure],
+                         minlength=len(match_by_class)).double()
+    measured = torch.tensor([v is not None for v in match_by_class])
+    per_class = torch.tensor([0.0 if v is None else v for v in match_by_class],
+                             dtype=torch.double)
+    mix = mix * measured
+    return round((mix / mix.sum() * per_class).sum().item(), 4) if mix.sum() else None

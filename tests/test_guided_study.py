@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from fdiff import get_profile
-from fdiff.guided_study import PURE, SCALES, diversity, guidance_study, mask_iou
+from fdiff.guided_study import (
+    SCALES,
+    diversity,
+    guidance_study,
+    mask_iou,
+    same_shapes_baseline,
+)
 
 
 def test_mask_iou_per_image():
@@ -20,6 +26,21 @@ def test_diversity_is_the_mean_pairwise_distance():
     feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
     # pairs (0,1) and (1,2) are 5 apart, (0,2) 0 apart: mean over the 3 pairs
     assert diversity(feats) == pytest.approx(10 / 3)
+
+
+def test_same_shapes_baseline_weighs_the_true_label_match_by_the_pure_clusters_shapes():
+    # cluster 0: three images of class 0 (pure); cluster 1: two of class 1 (pure);
+    # cluster 2: one of class 0 and one of class 2 (mixed, left out)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    classes = torch.tensor([0, 0, 0, 1, 1, 0, 2])
+    # pure images: three of class 0, two of class 1
+    assert same_shapes_baseline(ids, classes, 3, [0.9, 0.4, 0.1]) == pytest.approx(
+        (3 * 0.9 + 2 * 0.4) / 5)
+    # a class never measured (None) is left out of the mix
+    assert same_shapes_baseline(ids, classes, 3, [0.9, None, 0.1]) == pytest.approx(0.9)
+    # no pure cluster: no baseline
+    assert same_shapes_baseline(torch.tensor([0, 0]), torch.tensor([0, 1]), 1,
+                                [0.5, 0.5]) is None
 
 
 def test_the_study_measures_every_setting(tmp_path, monkeypatch):
@@ -43,6 +64,10 @@ def test_the_study_measures_every_setting(tmp_path, monkeypatch):
             assert 0 <= self_row["pure_match"] <= 1
         assert 0 <= out["layout"][str(w)]["layout_iou"] <= 1
     assert 0 < out["self_asked_purity"] <= 1 and 0 <= out["self_pure_share"] <= 1
-    assert PURE < 1
+    assert set(out["clusters"]) == {"10", "20", "50"}
+    for r in out["clusters"].values():
+        assert 0 <= r["nmi"] <= 1 and 0 < r["purity"] <= 1 and 0 <= r["class_match"] <= 1
+    # the 50 clusters are guided_self's: the main part's samples at w = 2, not drawn again
+    assert out["clusters"]["50"]["class_match"] == out["self"]["2.0"]["class_match"]
     lt = out["longtail"]
     assert len(lt["class_counts"]) == 5 and sum(lt["self_clusters_per_class"]) <= 50
