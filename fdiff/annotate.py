@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 
 from .checks import check_int
 from .data import stack_images
+from .datasets import TRAINING_SPLITS, load_dataset
 from .profiles import model_device
 from .seeding import make_generator, randn
 
 __all__ = ["pooled_features", "SelfLabels", "self_annotate", "cluster_scores", "majority_class",
-           "cluster_purity", "image_classes", "class_subset", "segment_layouts", "Selected",
-           "Conditioned"]
+           "cluster_purity", "image_classes", "training_labels", "class_subset", "segment_layouts",
+           "Selected", "Conditioned"]
 
 
 def _images_at(images, idx: list[int]) -> Tensor:
@@ -161,6 +162,22 @@ def image_classes(dataset, batch_size: int = 500, progress: bool = True) -> Tens
         area = F.one_hot(sem.flatten(1), c).sum(1)[:, 1:]  # pixels of each class, background out
         out.append(area.argmax(1))
     return torch.cat(out)
+
+
+def training_labels(data, root=None, download: bool = False,
+                    progress: bool = True) -> Tensor | None:
+    """The image-level class of each training image of a run's data (a
+    :class:`~fdiff.runs.DataSpec`), in the order the run trains on them: a built-in world's
+    :func:`image_classes` (None for a world without shape classes), a real dataset's own labels
+    (Pets: the breed, Flowers-102: the species) over its training splits. For judging
+    self-labels only: the method never sees them."""
+    if data.name not in TRAINING_SPLITS:
+        images = data.training_images(root, download, progress=False)
+        return image_classes(images, progress=progress) if hasattr(images, "num_classes") \
+            else None
+    parts = [load_dataset(data.name, root, s, data.image_size, download).labels
+             for s in TRAINING_SPLITS[data.name]]
+    return None if any(p is None for p in parts) else torch.cat(parts)
 
 
 def class_subset(classes: Tensor, shares: Sequence[float], seed: int = 0) -> Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "training_data",
     "LabelledData",
     "labelled_data",
+    "profile_dataset",
 ]
 
 DATASET_NAMES = (*WORLDS, *REAL_DATASETS)
@@ -169,6 +170,16 @@ DATASET_ENV_VAR = "FDIFF_DATASET"
 _FOREGROUND_NAMES = {"pets": "pet", "flowers": "flower"}
 
 
+def profile_dataset(profile, dataset: str | None = None) -> str:
+    """The dataset a chapter runs on: ``dataset`` if given, else ``$FDIFF_DATASET``, else the
+    built-in shapes in ``ci`` and ``cpu`` and Oxford-IIIT Pets in ``gpu`` and ``paper``."""
+    if dataset is None:
+        dataset = os.environ.get(DATASET_ENV_VAR, "").strip().lower() or None
+    if dataset is None:
+        dataset = "pets" if profile.real_data else "shapes"
+    return dataset
+
+
 def labelled_data(profile, dataset: str | None = None, root=None, download: bool = False):
     """Return the :class:`LabelledData` of a profile: by default the built-in shapes with their
     six classes in ``ci`` and ``cpu``, and Oxford-IIIT Pets (background, pet) in ``gpu`` and
@@ -179,10 +190,7 @@ def labelled_data(profile, dataset: str | None = None, root=None, download: bool
     ``root`` (see :func:`~fdiff.datasets.load_dataset`); their test split is cut to the
     profile's ``num_test_images``.
     """
-    if dataset is None:
-        dataset = os.environ.get(DATASET_ENV_VAR, "").strip().lower() or None
-    if dataset is None:
-        dataset = "pets" if profile.real_data else "shapes"
+    dataset = profile_dataset(profile, dataset)
     size = profile.image_size
     if dataset in WORLDS:
         train = world(dataset, profile.num_train_images, size, split="train")

@@ -77,6 +77,12 @@ class SegmentationDataset(Dataset):
     def __init__(self, image_size: int) -> None:
         self.image_size = check_int(image_size, "image_size", 8)
 
+    @property
+    def labels(self) -> Tensor | None:
+        """The image-level class of every item (N,) int64 in [0, C), or None when the dataset
+        has none."""
+        return None
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -233,6 +239,15 @@ class OxfordPets(SegmentationDataset):
     def __len__(self) -> int:
         return len(self._tv)
 
+    @property
+    def labels(self) -> Tensor:
+        """The breed of every image (N,) in [0, 37); ``self.label_names`` names them."""
+        return torch.tensor(self._tv._labels, dtype=torch.int64)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self._tv.classes)
+
     def _files(self, index: int) -> list[Path]:
         return [self._tv._images[index], self._tv._segs[index]]
 
@@ -322,6 +337,11 @@ class Flowers102(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self._tv)
+
+    @property
+    def labels(self) -> Tensor:
+        """The species of every image (N,) in [0, 102)."""
+        return torch.tensor(self._tv._labels, dtype=torch.int64)
 
     def _files(self, index: int) -> list[Path]:
         image = Path(self._tv._image_files[index])

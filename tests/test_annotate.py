@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from standins import make_flowers, make_pets, skip_md5  # noqa: F401  (skip_md5: a fixture)
 
 from fdiff.annotate import (
     Conditioned,
@@ -16,7 +17,9 @@ from fdiff.annotate import (
     pooled_features,
     segment_layouts,
     self_annotate,
+    training_labels,
 )
+from fdiff.runs import DataSpec
 from fdiff.schedules import NoiseSchedule
 from fdiff.seeding import make_generator
 from fdiff.worlds import world
@@ -123,3 +126,17 @@ def test_conditioned_and_selected_datasets():
         Conditioned(data, torch.tensor([1, 2]))
     with pytest.raises(IndexError):
         Selected(data, torch.tensor([10]))
+
+
+@pytest.mark.usefixtures("skip_md5")
+def test_training_labels_of_a_world_and_of_the_real_datasets_stand_ins(tmp_path):
+    spec = DataSpec("simple-shapes", 16, 20)
+    assert torch.equal(training_labels(spec, progress=False),
+                       image_classes(world("simple-shapes", 20, 16), progress=False))
+    # Pets: the breed, in the order of trainval.txt (Abyssinian 1, beagle 2, Bengal 3)
+    pets = make_pets(tmp_path / "pets")
+    assert training_labels(DataSpec("pets", 16, None), root=pets).tolist() == [0, 1, 2]
+    # Flowers-102: the species of the train split (images 1, 2), then of val (3, 4)
+    flowers = make_flowers(tmp_path / "flowers")
+    labels = training_labels(DataSpec("flowers", 16, None), root=flowers)
+    assert labels.tolist() == [1, 2, 0, 1]  # imagelabels.mat: i % 3 + 1, one-based
