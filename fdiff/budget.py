@@ -39,10 +39,9 @@ CHAPTER_RUNS: dict[str, list[tuple[str, str | None]]] = {
     + [("factorized_simple-shapes", None), ("factorized_simple-shapes-replicate", None)],
     "04_features": [("ddpm_pets", None), ("factorized_pets", None)],
     "05_discovery": [("ddpm_pets", None), ("factorized_pets", None)],
-    "06_guidance": [(name, None) for name in (
-        "ddpm_simple-shapes", "factorized_simple-shapes-replicate", "guided_none", "guided_class",
-        "guided_self", "guided_layout", "guided_class-longtail", "guided_self-longtail",
-        "guided_self-k10", "guided_self-k20")],
+    # chapter 6's simple-shapes lessons load the cpu profile's committed runs in every profile
+    # but ci; on a GPU it trains self-guidance on the real dataset
+    "06_guidance": [("ddpm_pets", None), ("guided_none_pets", None), ("guided_self_pets", None)],
 }
 # Chapter 1 also trains its live example, a small U-Net for a few thousand steps of 64 images.
 LIVE_EXAMPLE = {"config": {"base_channels": 16, "channel_mults": (1, 2), "num_heads": 2},

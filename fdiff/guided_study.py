@@ -1,7 +1,8 @@
 """Chapter 6's study of guided sampling: what guidance does to samples, measured.
 
 :func:`guidance_study` samples chapter 6's guided runs (``guided_*`` in :mod:`fdiff.runs`) with
-DDIM at guidance scales w in {0, 1, 2, 4}, ``n`` images per setting, and measures:
+DDIM (eta = :data:`ETA`) at guidance scales w in {0, 1, 2, 4}, ``n`` images per setting, and
+measures:
 
 - the Fréchet distance of the samples to held-out images in the pooled features of an ImageNet
   MobileNetV2 (:func:`fdiff.metrics.frechet_distance`), with two floors: two seeds of the
@@ -19,6 +20,10 @@ DDIM at guidance scales w in {0, 1, 2, 4}, ``n`` images per setting, and measure
 - how many clusters: the self-guided recipe with 10, 20 and 50 clusters, at w = 2 (NMI, purity,
   class match overall and on the pure clusters).
 
+:func:`world_study` measures the same recipe on another dataset (the textured world in the cpu
+profile, Pets in the gpu profile), where no recogniser says what a sample shows: there, *cluster
+match* is the share of samples that the annotation itself puts back in the cluster asked for.
+
 On two CPU cores this takes longer than a notebook cell should, so ``scripts/chapter6_guidance.py``
 runs it once for the cpu profile and the chapter loads the result.
 """
@@ -30,7 +35,17 @@ import time
 
 import torch
 
-from .annotate import cluster_purity, cluster_scores, image_classes, majority_class, segment_layouts
+from .annotate import (
+    SelfLabels,
+    cluster_purity,
+    cluster_scores,
+    image_classes,
+    majority_class,
+    segment_layouts,
+    training_labels,
+)
+from .annotate import pooled_features as diffusion_features
+from .data import profile_dataset, stack_images
 from .guidance import Guided
 from .imagenet import load_mobilenet_v2, pooled_features
 from .metrics import frechet_distance
@@ -41,10 +56,16 @@ from .samplers import generate
 from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
-__all__ = ["SCALES", "PURE", "RARE", "CLUSTER_COUNTS", "PART_RUNS", "GUIDED_RUNS", "PARTS",
-           "diversity", "mask_iou", "same_shapes_baseline", "guidance_study"]
+__all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "PART_RUNS", "GUIDED_RUNS", "PARTS",
+           "WORLD_RUNS", "cluster_match", "diversity", "mask_iou", "same_shapes_baseline",
+           "guidance_study",
+           "world_study"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
+# The study's sampler: DDIM on the profile's step grid with eta = 1, the variance of DDPM's
+# ancestral steps: at 50 steps, deterministic DDIM (eta = 0) draws these shapes softer, and the
+# main part measures by how much (its "deterministic" entry).
+ETA = 1.0
 PURE = 0.95  # a cluster is pure when this share of its training images hold one class
 RARE = (3, 4)  # class ids (0-based: ring, cross) the long-tail runs keep at 5%
 CLUSTER_COUNTS = (10, 20, 50)  # the self-guided runs of the "clusters" part
@@ -55,6 +76,8 @@ PART_RUNS = {"main": ("ddpm_simple-shapes", "factorized_simple-shapes-replicate"
              "clusters": ("guided_self-k10", "guided_self-k20", "guided_self")}
 PARTS = tuple(PART_RUNS)
 GUIDED_RUNS = tuple(dict.fromkeys(name for runs in PART_RUNS.values() for name in runs))
+# world_study's runs on a dataset: "{}" stands for its name
+WORLD_RUNS = ("ddpm_{}", "guided_none_{}", "guided_self_{}")
 
 
 def diversity(features: torch.Tensor) -> float:
@@ -99,10 +122,10 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
             return lambda x, t: model(x, t, cond.to(x.device))
         return Guided(model, cond, w)
 
-    def sample(denoiser, seed: int) -> torch.Tensor:
+    def sample(denoiser, seed: int, eta: float = ETA) -> torch.Tensor:
         return generate(denoiser, schedule, (n, 3, S, S), method="ddim",
-                        num_steps=profile.ddim_steps, generator=per_sample_generators(seed, n),
-                        device=device)
+                        num_steps=profile.ddim_steps, eta=eta,
+                        generator=per_sample_generators(seed, n), device=device)
 
     def scores(images: torch.Tensor) -> dict:
         feats = pooled_features(net, images)
@@ -121,7 +144,7 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
             .to_json() else None
 
     result: dict = {"profile": profile.name, "n": n, "ddim_steps": profile.ddim_steps,
-                    "scales": list(SCALES), "sha256": sha}
+                    "eta": ETA, "scales": list(SCALES), "sha256": sha}
     if "main" in parts:
         _main_part(result, models, profile, n, sample, scores, guided, log, classes, held_out,
                    train_images, schedule, train)
@@ -179,6 +202,12 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
     result["self_asked_purity"] = round(purity.mean().item(), 4)
     result["self_pure_share"] = round(pure.float().mean().item(), 4)
     result["self"] = guided_sweep("self", self_model, self_cond, wanted, pure=pure)
+    # the same at w = 2 with deterministic DDIM (eta = 0)
+    result["deterministic"] = {
+        key: _match_scores(sample(Guided(model, cond, 2.0), 100, eta=0.0), want)
+        for key, model, cond, want in (("class", models["guided_class"], label_cond, label_cond),
+                                       ("self", self_model, self_cond, wanted))}
+    log("deterministic DDIM, w = 2: " + json.dumps(result["deterministic"]))
     # mask level: the layouts of held-out images, made by the segmenter the run trained with
     layout_model = models["guided_layout"]
     t_seg = layout_model.config.annotation_t(schedule.num_timesteps)
@@ -294,3 +323,94 @@ def same_shapes_baseline(ids: torch.Tensor, classes: torch.Tensor, k: int,
                              dtype=torch.double)
     mix = mix * measured
     return round((mix / mix.sum() * per_class).sum().item(), 4) if mix.sum() else None
+
+
+def cluster_match(annotator, schedule, labels: SelfLabels, images: torch.Tensor,
+                  asked: torch.Tensor, t: int, noise_seed: int) -> float:
+    """The share of ``images`` (N, 3, H, W) that the self-annotation puts in the cluster
+    ``asked`` (N,) of each: their pooled features from ``annotator`` at step ``t`` and noise
+    ``noise_seed`` (the annotation's own, for samples), nearest the centroid of ``labels``."""
+    if len(asked) != len(images):
+        raise ValueError(f"one cluster per image: {len(images)} images, {len(asked)} clusters")
+    back = labels.assign(diffusion_features(annotator, schedule, images, t,
+                                            noise_seed=noise_seed, progress=False))
+    return (back == asked.cpu()).float().mean().item()
+
+
+def world_study(profile: Profile, dataset: str | None = None, n: int = 256, train: bool = False,
+                progress: bool = True, root=None, download: bool = False) -> dict:
+    """Self-guidance on ``dataset`` (default: the profile's, :func:`fdiff.data.profile_dataset`):
+    ``guided_self_<dataset>`` against its unguided reference ``guided_none_<dataset>``, ``n``
+    samples per setting, DDIM with the profile's steps and :data:`ETA`.
+
+    Returns JSON values: the self-labels' NMI and purity against the dataset's own labels (None
+    where it has none); the Fréchet distance (MobileNetV2 features, to held-out images) of the
+    reference from two seeds and of the self-guided model at w = 0 and 2, with diversity; the
+    training images' own distance; and *cluster match*: the share of samples whose features
+    (the annotator's, at the annotation step and noise) are nearest the centroid of the cluster
+    asked for, at w = 0 and 2 and for the reference, with its ceiling: the share of training
+    images that the annotation puts back in their own cluster when noised with another noise.
+    The sha256 of each committed checkpoint
+    used (None for one trained or cached here)."""
+    dataset = profile_dataset(profile, dataset)
+    names = [name.format(dataset) for name in WORLD_RUNS]
+    manifest = read_manifest()
+    models, metas, sha = {}, {}, {}
+    for name in names:
+        models[name], metas[name] = load_run(name, profile, train=train, progress=False,
+                                             root=root, download=download)
+        entry = manifest.get(name)
+        sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
+            .to_json() else None
+    annotator, reference, self_model = (models[name] for name in names)
+    run = resolve_run(names[2], profile)
+    schedule, S = run.schedule.build(), run.data.image_size
+    t = self_model.config.annotation_t(schedule.num_timesteps)
+    tensors = metas[names[2]]["tensors"]
+    labels = SelfLabels(tensors["cluster_centroids"], tensors["cluster_ids"])
+    truth = training_labels(run.data, root, download, progress=False)
+    net = load_mobilenet_v2()
+    held_out = run.data.held_out(n, root, download)
+    ref_feats = pooled_features(net, held_out)
+    train_images = run.data.training_images(root, download, progress=False)
+    m = min(n, len(train_images))
+    train_feats = pooled_features(net, stack_images(train_images, range(m)))
+    device = default_device()
+    start = time.perf_counter()
+    # n self-labels drawn as often as the training images hold them
+    cond = labels.ids[torch.randint(len(labels.ids), (n,), generator=make_generator(6))]
+
+    def draw(denoiser, seed: int) -> dict:
+        x = generate(denoiser, schedule, (n, 3, S, S), method="ddim",
+                     num_steps=profile.ddim_steps, eta=ETA,
+                     generator=per_sample_generators(seed, n), device=device)
+        feats = pooled_features(net, x)
+        row = {"fd": round(frechet_distance(feats, ref_feats), 3),
+               "diversity": round(diversity(feats) / diversity(ref_feats), 4),
+               "cluster_match": round(cluster_match(annotator, schedule, labels, x, cond, t,
+                                                    run.train.seed), 4)}
+        if progress:
+            print(f"{dataset}: {row}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        return row
+
+    out: dict = {"dataset": dataset, "n": n, "k": labels.k, "ddim_steps": profile.ddim_steps,
+                 "eta": ETA, "sha256": sha, "held_out": len(held_out)}
+    if truth is not None:
+        scores = cluster_scores(labels.ids, truth)
+        out.update(nmi=round(scores["nmi"], 4), purity=round(scores["purity"], 4),
+                   num_labels=int(truth.max()) + 1)
+    else:
+        out.update(nmi=None, purity=None, num_labels=None)
+    out["fd_training_images"] = round(frechet_distance(train_feats, ref_feats), 3)
+    # the ceiling of cluster match: training images, noised with another noise, land back in
+    # their own cluster this often
+    out["ceiling"] = round(cluster_match(annotator, schedule, labels,
+                                         stack_images(train_images, range(m)), labels.ids[:m],
+                                         t, run.train.seed + 1), 4)
+    unguided = [draw(lambda x, tt: reference(x, tt, None), seed) for seed in (100, 200)]
+    out["unguided"] = {**unguided[0], "fd_other_seed": unguided[1]["fd"]}
+    out["fd_seed_spread"] = round(abs(unguided[0]["fd"] - unguided[1]["fd"]), 3)
+    out["self"] = {"0.0": draw(lambda x, tt: self_model(x, tt, None), 100),
+                   "2.0": draw(Guided(self_model, cond, 2.0), 100)}
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out

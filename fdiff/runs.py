@@ -40,7 +40,7 @@ from .checkpoints import (
 )
 from .configs import canonical, change, to_json
 from .data import DATASET_NAMES, stack_images, training_data
-from .datasets import load_dataset
+from .datasets import REAL_DATASETS, load_dataset
 from .factorized import FactorizedConfig, FactorizedDenoiser, partition_probe
 from .guidance import GuidedConfig
 from .hub import fetch_published
@@ -159,11 +159,11 @@ _LONG_TAIL = (1.0, 1.0, 1.0, 0.05, 0.05)
 _GUIDED_STEPS = {"ci": 4, "cpu": 2000, "gpu": 2000, "paper": 10_000}
 
 
-def _guided(about: str, **changes: Any) -> RunEntry:
-    """A run of chapter 6: ``ddpm_simple-shapes`` continued for a few thousand steps with a
+def _guided(about: str, dataset: str = "simple-shapes", **changes: Any) -> RunEntry:
+    """A run of chapter 6: ``ddpm_<dataset>`` continued for a few thousand steps with a
     condition (``changes``: fields of :class:`~fdiff.guidance.GuidedConfig`)."""
-    return RunEntry(f"chapter 6: {about}", "guided", "simple-shapes",
-                    changes={"model.start_from": "ddpm_simple-shapes",
+    return RunEntry(f"chapter 6: {about}", "guided", dataset,
+                    changes={"model.start_from": f"ddpm_{dataset}",
                              **{f"model.{k}": v for k, v in changes.items()}},
                     per_profile={p: {"train.steps": s, **(_BF16 if p == "cpu" else {})}
                                  for p, s in _GUIDED_STEPS.items()})
@@ -234,6 +234,13 @@ RUNS: dict[str, RunEntry] = {
                           {"annotator": "ddpm_simple-shapes", "condition": "self",
                            "num_classes": 50, "class_share": _LONG_TAIL}),
     }.items()},
+    # Chapter 6 beyond simple shapes: self-guidance on the textured world (cpu) and on the real
+    # datasets (gpu), each continuing that dataset's plain U-Net and clustering its features.
+    **{f"guided_{c}_{d}": _guided(
+        f"{about} on {d}", d,
+        **({"annotator": f"ddpm_{d}", "num_classes": 50} if c == "self" else {}), condition=c)
+       for d in ("shapes", *REAL_DATASETS)
+       for c, about in (("none", "the unguided reference"), ("self", "self-guided, 50 clusters"))},
     "ablation_k2": _ablation("the reference, K = 2"),
     "ablation_k3": _ablation("K = 3", num_regions=3),
     "ablation_k4": _ablation("K = 4", num_regions=4),

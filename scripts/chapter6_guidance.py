@@ -1,6 +1,7 @@
 """Chapter 6's measurements of guided sampling (:func:`fdiff.guided_study.guidance_study`):
 Fréchet distance, diversity, class match and layout IoU of the guided runs at w in {0, 1, 2, 4},
-the long-tail runs, and the self-guided runs with 10, 20 and 50 clusters. They took 39 minutes
+the long-tail runs, the self-guided runs with 10, 20 and 50 clusters, and self-guidance on the
+textured world (part "world", :func:`fdiff.guided_study.world_study`). They took 48 minutes
 on two CPU cores (n = 256), longer than a notebook cell should, so the chapter loads the result,
 ``data/results/chapter6_guidance.json``, which records the sha256 of every checkpoint it used;
 the chapter checks them against the manifest. One command::
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from fdiff.checkpoints import atomic_path
-from fdiff.guided_study import PARTS, guidance_study
+from fdiff.guided_study import PARTS, guidance_study, world_study
 from fdiff.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +32,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--profile", default="cpu",
                         help="cpu (default; committed checkpoints) or ci (trains tiny runs)")
-    parser.add_argument("--part", choices=PARTS, action="append",
+    parser.add_argument("--part", choices=(*PARTS, "world"), action="append",
                         help="measure only this part (repeatable) and update its keys in --out")
     args = parser.parse_args(argv)
     profile = get_profile(args.profile)
-    parts = tuple(args.part or PARTS)
-    result = guidance_study(profile, args.n, train=profile.name == "ci", parts=parts)
+    parts = tuple(args.part or (*PARTS, "world"))
+    train = profile.name == "ci"
+    shape_parts = tuple(p for p in parts if p != "world")
+    result = guidance_study(profile, args.n, train=train, parts=shape_parts) if shape_parts \
+        else {"profile": profile.name, "n": args.n, "sha256": {}, "seconds": 0.0}
+    if "world" in parts:  # the textured world (fdiff.guided_study.world_study)
+        result["world"] = world_study(profile, "shapes", args.n, train=train)
+        result["sha256"].update(result["world"]["sha256"])
+        result["seconds"] = round(result["seconds"] + result["world"]["seconds"], 1)
     command = "python scripts/chapter6_guidance.py" + (f" --n {args.n}" if args.n != 256 else "")
     if args.part and args.out.is_file():  # one part: keep the other's measurements
         old = json.loads(args.out.read_text())

@@ -8,6 +8,7 @@ import pytest
 
 from fdiff import UNet, UNetConfig
 from fdiff.budget import CHAPTER_RUNS, T4_TFLOPS, _model_flops, gpu_minutes
+from fdiff.guided_study import WORLD_RUNS
 from fdiff.runs import RUNS
 
 CHAPTERS = Path(__file__).resolve().parents[1] / "chapters"
@@ -45,8 +46,12 @@ def test_every_run_a_chapter_loads_in_its_profile_is_counted(stem):
     counted = {name for name, _ in CHAPTER_RUNS[stem]}
     assert counted <= set(RUNS)
     literal = set(re.findall(r'load_run\(\s*"([^"]+)",\s*profile', text))
-    # f"factorized_{data.dataset}": the real dataset's run in the gpu profile
-    literal |= {f"{m}_pets" for m in re.findall(r'load_run\(\s*f"(\w+)_\{data\.dataset\}"', text)}
+    # f"factorized_{data.dataset}", f"guided_self_{world_name}": the real dataset's run in the
+    # gpu profile
+    literal |= {f"{m}_pets" for m in
+                re.findall(r'load_run\(\s*f"(\w+)_\{(?:data\.dataset|world_name)\}"', text)}
+    if "world_study(profile" in text:  # chapter 6: self-guidance on the profile's dataset
+        literal |= {name.format("pets") for name in WORLD_RUNS}
     assert literal and literal <= counted, literal - counted
 
 

@@ -43,9 +43,10 @@ def write_stand_in_pets(root: Path, n_trainval: int = 6, n_test: int = 10) -> Pa
 
 
 @pytest.mark.parametrize("chapter", ["03_segmenting.ipynb", "04_features.ipynb",
-                                     "05_discovery.ipynb"])
+                                     "05_discovery.ipynb", "06_guidance.ipynb"])
 def test_chapter_runs_on_stand_in_pets(chapter, tmp_path, monkeypatch):
-    root = write_stand_in_pets(tmp_path / "data")
+    # chapter 6 clusters the training images into 50 self-labels: it needs more than 50
+    root = write_stand_in_pets(tmp_path / "data", n_trainval=60 if chapter[:2] == "06" else 6)
     # The kernel inherits this environment: ci sizes, Pets as the dataset, a fresh cache.
     monkeypatch.setenv("FDIFF_PROFILE", "ci")
     monkeypatch.setenv("FDIFF_DATASET", "pets")
@@ -56,12 +57,16 @@ def test_chapter_runs_on_stand_in_pets(chapter, tmp_path, monkeypatch):
     text = "".join(
         out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
     )
-    # the chapter says what it ran on: ch3 names the dataset, ch4 its classes, ch5 its model
+    # the chapter says what it ran on: ch3 names the dataset, ch4 its classes, ch5 its model,
+    # ch6 its clusters and the dataset's own labels (the stand-in's two)
     said = {"03": "pets: 10 held-out images", "04": "('background', 'pet')",
-            "05": "ddpm_pets; 6 labelled training images"}[chapter[:2]]
+            "05": "ddpm_pets; 6 labelled training images",
+            "06": "pets: 50 clusters, 8 samples per row"}[chapter[:2]]
     assert said in text
     # the models were trained on the stand-in pets, under their own names
     trained = (tmp_path / "cache" / "checkpoints").glob("*.safetensors")
     names = {p.name.split("-")[0] for p in trained}
-    expected = {"factorized_pets"} if chapter.startswith("03") else {"ddpm_pets", "factorized_pets"}
+    expected = {"03": {"factorized_pets"}, "06": {"ddpm_pets", "guided_none_pets",
+                                                   "guided_self_pets"}}.get(
+        chapter[:2], {"ddpm_pets", "factorized_pets"})
     assert expected <= names

@@ -4,13 +4,19 @@ import pytest
 import torch
 
 from fdiff import get_profile
+from fdiff.annotate import pooled_features, self_annotate
 from fdiff.guided_study import (
     SCALES,
+    cluster_match,
     diversity,
     guidance_study,
     mask_iou,
     same_shapes_baseline,
+    world_study,
 )
+from fdiff.schedules import NoiseSchedule
+from fdiff.unet import UNet, UNetConfig
+from fdiff.worlds import world
 
 
 def test_mask_iou_per_image():
@@ -71,3 +77,36 @@ def test_the_study_measures_every_setting(tmp_path, monkeypatch):
     assert out["clusters"]["50"]["class_match"] == out["self"]["2.0"]["class_match"]
     lt = out["longtail"]
     assert len(lt["class_counts"]) == 5 and sum(lt["self_clusters_per_class"]) <= 50
+
+
+def test_cluster_match_puts_the_annotated_images_back_in_their_own_clusters():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), num_heads=2)).eval()
+    schedule = NoiseSchedule("cosine", 100)
+    images = world("simple-shapes", 40, 16).batch(list(range(40)))["image"]
+    labels = self_annotate(pooled_features(model, schedule, images, 20, noise_seed=3,
+                                           progress=False), 4)
+    # the annotation's own images, features and noise: every image is in its own cluster
+    assert cluster_match(model, schedule, labels, images, labels.ids, 20, 3) == 1.0
+    # asked for the next cluster instead: none is
+    assert cluster_match(model, schedule, labels, images, (labels.ids + 1) % 4, 20, 3) == 0.0
+    # the share, for half the images asked right
+    half = torch.where(torch.arange(40) < 20, labels.ids, (labels.ids + 1) % 4)
+    assert cluster_match(model, schedule, labels, images, half, 20, 3) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one cluster per image"):
+        cluster_match(model, schedule, labels, images, labels.ids[:5], 20, 3)
+
+
+def test_the_world_study_measures_self_guidance_on_the_textured_world(tmp_path, monkeypatch):
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path))
+    out = world_study(get_profile("ci"), "shapes", n=6, train=True, progress=False)
+    assert out["dataset"] == "shapes" and out["n"] == 6 and out["k"] == 50
+    assert set(out["sha256"]) == {"ddpm_shapes", "guided_none_shapes", "guided_self_shapes"}
+    assert all(sha is None for sha in out["sha256"].values())  # trained here
+    assert 0 <= out["nmi"] <= 1 and 0 < out["purity"] <= 1 and out["num_labels"] == 5
+    assert 0 <= out["ceiling"] <= 1 and out["fd_seed_spread"] >= 0
+    rows = [out["unguided"], *out["self"].values()]
+    assert set(out["self"]) == {"0.0", "2.0"}
+    for row in rows:
+        assert 0 <= row["cluster_match"] <= 1 and row["fd"] > 0 and row["diversity"] > 0
+    assert out["unguided"]["fd_other_seed"] > 0
