@@ -58,13 +58,12 @@ from .worlds import world
 
 __all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "PART_RUNS", "GUIDED_RUNS", "PARTS",
            "WORLD_RUNS", "cluster_match", "diversity", "mask_iou", "same_shapes_baseline",
-           "guidance_study",
-           "world_study"]
+           "guidance_study", "world_study"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
 # The study's sampler: DDIM on the profile's step grid with eta = 1, the variance of DDPM's
-# ancestral steps: at 50 steps, deterministic DDIM (eta = 0) draws these shapes softer, and the
-# main part measures by how much (its "deterministic" entry).
+# ancestral steps: at 50 steps, deterministic DDIM (eta = 0) draws fewer recognisable shapes,
+# and the main part measures by how much (its "deterministic" entry).
 ETA = 1.0
 PURE = 0.95  # a cluster is pure when this share of its training images hold one class
 RARE = (3, 4)  # class ids (0-based: ring, cross) the long-tail runs keep at 5%
@@ -93,6 +92,39 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def _load_runs(names, profile: Profile, train: bool, **data) -> tuple[dict, dict, dict]:
+    """(models, metadata, sha256) of the runs ``names`` in ``profile``: the sha256 of the
+    committed checkpoint when the run is the committed one, else None (trained or cached
+    here). ``data``: ``root``/``download`` of a real dataset."""
+    manifest, models, metas, sha = read_manifest(), {}, {}, {}
+    for name in names:
+        models[name], metas[name] = load_run(name, profile, train=train, progress=False, **data)
+        entry = manifest.get(name)
+        sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
+            .to_json() else None
+    return models, metas, sha
+
+
+def _sampler(schedule, profile: Profile, n: int, size: int):
+    """``sample(denoiser, seed, eta=ETA)``: ``n`` images by DDIM on the profile's steps, each
+    image's noise drawn from its own seed (so the same seed gives the same noises)."""
+    device = default_device()
+
+    def sample(denoiser, seed: int, eta: float = ETA) -> torch.Tensor:
+        return generate(denoiser, schedule, (n, 3, size, size), method="ddim",
+                        num_steps=profile.ddim_steps, eta=eta,
+                        generator=per_sample_generators(seed, n), device=device)
+    return sample
+
+
+def _feature_scores(net, images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """FD of ``images`` to the ``reference`` features (held-out images) in ``net``'s pooled
+    features, and their diversity as a share of the reference's."""
+    feats = pooled_features(net, images)
+    return {"fd": round(frechet_distance(feats, reference), 3),
+            "diversity": round(diversity(feats) / diversity(reference), 4)}
+
+
 def guidance_study(profile: Profile, n: int = 256, train: bool = False,
                    progress: bool = True, parts: tuple[str, ...] = PARTS) -> dict:
     """Measure chapter 6's guided runs of ``profile`` (module docstring) on ``n`` samples per
@@ -104,14 +136,12 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
     if not parts or any(p not in PARTS for p in parts):
         raise ValueError(f"parts must be some of {PARTS}, got {parts}")
     S = profile.image_size
-    manifest = read_manifest()
     schedule = resolve_run("guided_none", profile).schedule.build()
     net = load_mobilenet_v2()
     held_out = world("simple-shapes", max(n, 256), S, split="test").batch(list(range(n)))
     train_images = world("simple-shapes", profile.num_train_images, S, split="train")
     reference = pooled_features(net, held_out["image"])
     classes = image_classes(train_images, progress=False)
-    device = default_device()
     start = time.perf_counter()
 
     def guided(model, cond: torch.Tensor, w: float):
@@ -122,26 +152,17 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
             return lambda x, t: model(x, t, cond.to(x.device))
         return Guided(model, cond, w)
 
-    def sample(denoiser, seed: int, eta: float = ETA) -> torch.Tensor:
-        return generate(denoiser, schedule, (n, 3, S, S), method="ddim",
-                        num_steps=profile.ddim_steps, eta=eta,
-                        generator=per_sample_generators(seed, n), device=device)
+    sample = _sampler(schedule, profile, n, S)
 
     def scores(images: torch.Tensor) -> dict:
-        feats = pooled_features(net, images)
-        return {"fd": round(frechet_distance(feats, reference), 3),
-                "diversity": round(diversity(feats) / diversity(reference), 4)}
+        return _feature_scores(net, images, reference)
 
     def log(text: str) -> None:
         if progress:
             print(f"{text}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    models, sha = {}, {}
-    for name in dict.fromkeys(name for part in parts for name in PART_RUNS[part]):
-        models[name], _ = load_run(name, profile, train=train, progress=False)
-        entry = manifest.get(name)
-        sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
-            .to_json() else None
+    models, _, sha = _load_runs(dict.fromkeys(name for part in parts for name in PART_RUNS[part]),
+                                profile, train)
 
     result: dict = {"profile": profile.name, "n": n, "ddim_steps": profile.ddim_steps,
                     "eta": ETA, "scales": list(SCALES), "sha256": sha}
@@ -350,18 +371,10 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
     (the annotator's, at the annotation step and noise) are nearest the centroid of the cluster
     asked for, at w = 0 and 2 and for the reference, with its ceiling: the share of training
     images that the annotation puts back in their own cluster when noised with another noise.
-    The sha256 of each committed checkpoint
-    used (None for one trained or cached here)."""
+    The sha256 of each committed checkpoint used (None for one trained or cached here)."""
     dataset = profile_dataset(profile, dataset)
     names = [name.format(dataset) for name in WORLD_RUNS]
-    manifest = read_manifest()
-    models, metas, sha = {}, {}, {}
-    for name in names:
-        models[name], metas[name] = load_run(name, profile, train=train, progress=False,
-                                             root=root, download=download)
-        entry = manifest.get(name)
-        sha[name] = entry["sha256"] if entry and entry["run"] == resolve_run(name, profile)\
-            .to_json() else None
+    models, metas, sha = _load_runs(names, profile, train, root=root, download=download)
     annotator, reference, self_model = (models[name] for name in names)
     run = resolve_run(names[2], profile)
     schedule, S = run.schedule.build(), run.data.image_size
@@ -373,20 +386,15 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
     held_out = run.data.held_out(n, root, download)
     ref_feats = pooled_features(net, held_out)
     train_images = run.data.training_images(root, download, progress=False)
-    m = min(n, len(train_images))
-    train_feats = pooled_features(net, stack_images(train_images, range(m)))
-    device = default_device()
+    train_batch = stack_images(train_images, range(min(n, len(train_images))))
+    sample = _sampler(schedule, profile, n, S)
     start = time.perf_counter()
     # n self-labels drawn as often as the training images hold them
     cond = labels.ids[torch.randint(len(labels.ids), (n,), generator=make_generator(6))]
 
     def draw(denoiser, seed: int) -> dict:
-        x = generate(denoiser, schedule, (n, 3, S, S), method="ddim",
-                     num_steps=profile.ddim_steps, eta=ETA,
-                     generator=per_sample_generators(seed, n), device=device)
-        feats = pooled_features(net, x)
-        row = {"fd": round(frechet_distance(feats, ref_feats), 3),
-               "diversity": round(diversity(feats) / diversity(ref_feats), 4),
+        x = sample(denoiser, seed)
+        row = {**_feature_scores(net, x, ref_feats),
                "cluster_match": round(cluster_match(annotator, schedule, labels, x, cond, t,
                                                     run.train.seed), 4)}
         if progress:
@@ -401,12 +409,12 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
                    num_labels=int(truth.max()) + 1)
     else:
         out.update(nmi=None, purity=None, num_labels=None)
-    out["fd_training_images"] = round(frechet_distance(train_feats, ref_feats), 3)
+    out["fd_training_images"] = _feature_scores(net, train_batch, ref_feats)["fd"]
     # the ceiling of cluster match: training images, noised with another noise, land back in
     # their own cluster this often
-    out["ceiling"] = round(cluster_match(annotator, schedule, labels,
-                                         stack_images(train_images, range(m)), labels.ids[:m],
-                                         t, run.train.seed + 1), 4)
+    out["ceiling"] = round(cluster_match(annotator, schedule, labels, train_batch,
+                                         labels.ids[:len(train_batch)], t,
+                                         run.train.seed + 1), 4)
     unguided = [draw(lambda x, tt: reference(x, tt, None), seed) for seed in (100, 200)]
     out["unguided"] = {**unguided[0], "fd_other_seed": unguided[1]["fd"]}
     out["fd_seed_spread"] = round(abs(unguided[0]["fd"] - unguided[1]["fd"]), 3)
