@@ -44,9 +44,12 @@ def _images_at(images, idx: list[int]) -> Tensor:
 
 @torch.no_grad()
 def pooled_features(model: nn.Module, schedule, images, t: int, noise_seed: int = 0,
-                    batch_size: int = 256, progress: bool = True) -> Tensor:
+                    batch_size: int = 256, progress: bool = True,
+                    blocks: Sequence[int] = ()) -> Tensor:
     """One feature vector per image: the decoder blocks' activations at step ``t``, each averaged
-    over the image, concatenated (N, D), D the sum of the blocks' widths.
+    over the image, concatenated (N, D), D the sum of the blocks' widths. ``blocks``: which
+    decoder blocks, in the decoder's order (0 the deepest, at the lowest resolution); empty:
+    all of them.
 
     ``images``: (N, C, H, W) in [-1, 1], or a dataset (items or ``batch`` with ``image``). All
     images are noised with one noise tensor drawn from ``noise_seed``, so that an image's features
@@ -68,8 +71,19 @@ def pooled_features(model: nn.Module, schedule, images, t: int, noise_seed: int 
         tt = torch.full((len(idx),), t, dtype=torch.int64, device=device)
         xt = schedule.add_noise(x0, noise.to(device).expand_as(x0), tt)
         _, feats = model(xt, tt, return_features=True)
-        out.append(torch.cat([f.float().mean((2, 3)) for f in feats], 1).cpu())
+        out.append(torch.cat([f.float().mean((2, 3)) for f in _pick(feats, blocks)], 1).cpu())
     return torch.cat(out)
+
+
+def _pick(feats: list[Tensor], blocks: Sequence[int]) -> list[Tensor]:
+    """The decoder blocks ``blocks`` of a model's feature list (all of them if empty)."""
+    if not blocks:
+        return feats
+    bad = [b for b in blocks if not 0 <= b < len(feats)]
+    if bad:
+        raise ValueError(f"blocks {bad} do not exist: this decoder has {len(feats)} blocks, "
+                         f"0..{len(feats) - 1}")
+    return [feats[b] for b in blocks]
 
 
 def _normalise(features: Tensor) -> np.ndarray:

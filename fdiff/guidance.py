@@ -46,7 +46,8 @@ class GuidedConfig:
     condition; ``layout_channels``: masks of a layout. ``annotator`` names the run whose model
     annotates the training images: its features are clustered ("self", :mod:`fdiff.annotate`) or
     it segments them ("layout"). ``feature_t``: the step at which it reads them, out of a chain
-    of 1000 (:meth:`annotation_t` scales it to a shorter chain).
+    of 1000 (:meth:`annotation_t` scales it to a shorter chain). ``feature_blocks``: which of its
+    decoder blocks a self-annotation pools (0 the deepest; empty: all of them).
     ``start_from``: a committed run whose weights the U-Net starts from ("" : fresh weights); the
     new input channels and the condition's MLP start at zero, so the model starts as that run.
     ``class_share``: for built-in worlds with shape classes, the share of each class (1..C) kept
@@ -62,6 +63,7 @@ class GuidedConfig:
     cond_drop: float = 0.1
     annotator: str = ""
     feature_t: int = 150
+    feature_blocks: tuple[int, ...] = ()
     start_from: str = ""
     class_share: tuple[float, ...] = ()
 
@@ -80,6 +82,11 @@ class GuidedConfig:
             raise ValueError(f"condition {self.condition!r} needs an annotator: the run whose "
                              "model clusters or segments the training images")
         object.__setattr__(self, "class_share", tuple(float(s) for s in self.class_share))
+        object.__setattr__(self, "feature_blocks", tuple(self.feature_blocks))
+        for i, b in enumerate(self.feature_blocks):
+            check_int(b, f"feature_blocks[{i}]", 0)
+        if len(set(self.feature_blocks)) != len(self.feature_blocks):
+            raise ValueError(f"feature_blocks names a block twice: {self.feature_blocks}")
         if any(not 0 < s <= 1 for s in self.class_share):
             raise ValueError(f"class_share holds shares in (0, 1], got {self.class_share}")
 

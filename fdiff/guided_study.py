@@ -18,7 +18,9 @@ measures:
   made the layouts, against the layout's figure;
 - the long-tail runs: class match on the rare and on the frequent classes;
 - how many clusters: the self-guided recipe with 10, 20 and 50 clusters, at w = 2 (NMI, purity,
-  class match overall and on the pure clusters).
+  class match overall and on the pure clusters);
+- which features: the recipe with the deepest decoder block's features alone
+  (:data:`DEEP_RUNS`): NMI, purity, and FD, diversity and class match as above.
 
 :func:`world_study` measures the same recipe on another dataset (the textured world in the cpu
 profile, Pets in the gpu profile), where no recogniser says what a sample shows: there, *cluster
@@ -56,9 +58,9 @@ from .samplers import generate
 from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
-__all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "PART_RUNS", "GUIDED_RUNS", "PARTS",
-           "WORLD_RUNS", "cluster_match", "diversity", "mask_iou", "same_shapes_baseline",
-           "guidance_study", "world_study"]
+__all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "DEEP_RUNS", "PART_RUNS",
+           "GUIDED_RUNS", "PARTS", "WORLD_RUNS", "cluster_match", "diversity", "mask_iou",
+           "same_shapes_baseline", "guidance_study", "world_study"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
 # The study's sampler: DDIM on the profile's step grid with eta = 1, the variance of DDPM's
@@ -68,11 +70,15 @@ ETA = 1.0
 PURE = 0.95  # a cluster is pure when this share of its training images hold one class
 RARE = (3, 4)  # class ids (0-based: ring, cross) the long-tail runs keep at 5%
 CLUSTER_COUNTS = (10, 20, 50)  # the self-guided runs of the "clusters" part
+# the "features" part: the self-guided recipe on the deepest decoder block's features alone,
+# with 50 and 20 clusters (the first swept over every scale, the second at w = 0 and 2)
+DEEP_RUNS = ("guided_self-deep", "guided_self-deep-k20")
 # The runs the study loads, by the part of it that uses them
 PART_RUNS = {"main": ("ddpm_simple-shapes", "factorized_simple-shapes-replicate", "guided_none",
                       "guided_class", "guided_self", "guided_layout"),
              "longtail": ("guided_class-longtail", "guided_self-longtail"),
-             "clusters": ("guided_self-k10", "guided_self-k20", "guided_self")}
+             "clusters": ("guided_self-k10", "guided_self-k20", "guided_self"),
+             "features": DEEP_RUNS}
 PARTS = tuple(PART_RUNS)
 GUIDED_RUNS = tuple(dict.fromkeys(name for runs in PART_RUNS.values() for name in runs))
 # world_study's runs on a dataset: "{}" stands for its name
@@ -173,6 +179,8 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
         _longtail_part(result, profile, n, sample, guided, log, classes, train)
     if "clusters" in parts:
         _clusters_part(result, profile, n, sample, log, classes, train)
+    if "features" in parts:
+        _features_part(result, profile, n, sample, scores, guided, log, classes, train)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -330,6 +338,26 @@ def _clusters_part(result, profile, n, sample, log, classes, train) -> None:
     result["clusters"] = out
 
 
+def _features_part(result, profile, n, sample, scores, guided, log, classes, train) -> None:
+    # which features: self-labels from the deepest decoder block alone
+    out = {}
+    for name, scales in zip(DEEP_RUNS, (SCALES, (0.0, 2.0))):
+        model, meta = load_run(name, profile, train=train, progress=False)
+        ids = meta["tensors"]["cluster_ids"]
+        cluster = cluster_scores(ids, classes)
+        cond, wanted, purity = _self_conditions(ids, classes, model.config.num_classes, n)
+        pure = purity >= PURE
+        row: dict = {"k": model.config.num_classes, "blocks": list(model.config.feature_blocks),
+                     "nmi": round(cluster["nmi"], 4), "purity": round(cluster["purity"], 4),
+                     "pure_share": round(pure.float().mean().item(), 4)}
+        for w in scales:
+            x = sample(guided(model, cond, w), 100)
+            row[str(w)] = {**scores(x), **_match_scores(x, wanted, pure)}
+            log(f"{name} w = {w}: " + json.dumps(row[str(w)]))
+        out[name] = row
+    result["features"] = out
+
+
 def same_shapes_baseline(ids: torch.Tensor, classes: torch.Tensor, k: int,
                          match_by_class: list) -> float | None:
     """The class match that true-label guidance gives on the shapes the pure clusters hold:
@@ -347,14 +375,16 @@ def same_shapes_baseline(ids: torch.Tensor, classes: torch.Tensor, k: int,
 
 
 def cluster_match(annotator, schedule, labels: SelfLabels, images: torch.Tensor,
-                  asked: torch.Tensor, t: int, noise_seed: int) -> float:
+                  asked: torch.Tensor, t: int, noise_seed: int, blocks=()) -> float:
     """The share of ``images`` (N, 3, H, W) that the self-annotation puts in the cluster
     ``asked`` (N,) of each: their pooled features from ``annotator`` at step ``t`` and noise
-    ``noise_seed`` (the annotation's own, for samples), nearest the centroid of ``labels``."""
+    ``noise_seed`` (the annotation's own, for samples) and decoder ``blocks`` (all if empty),
+    nearest the centroid of ``labels``."""
     if len(asked) != len(images):
         raise ValueError(f"one cluster per image: {len(images)} images, {len(asked)} clusters")
     back = labels.assign(diffusion_features(annotator, schedule, images, t,
-                                            noise_seed=noise_seed, progress=False))
+                                            noise_seed=noise_seed, progress=False,
+                                            blocks=blocks))
     return (back == asked.cpu()).float().mean().item()
 
 
@@ -379,6 +409,7 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
     run = resolve_run(names[2], profile)
     schedule, S = run.schedule.build(), run.data.image_size
     t = self_model.config.annotation_t(schedule.num_timesteps)
+    blocks = self_model.config.feature_blocks
     tensors = metas[names[2]]["tensors"]
     labels = SelfLabels(tensors["cluster_centroids"], tensors["cluster_ids"])
     truth = training_labels(run.data, root, download, progress=False)
@@ -396,7 +427,7 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
         x = sample(denoiser, seed)
         row = {**_feature_scores(net, x, ref_feats),
                "cluster_match": round(cluster_match(annotator, schedule, labels, x, cond, t,
-                                                    run.train.seed), 4)}
+                                                    run.train.seed, blocks), 4)}
         if progress:
             print(f"{dataset}: {row}  ({time.perf_counter() - start:.0f} s)", flush=True)
         return row
@@ -414,7 +445,7 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
     # their own cluster this often
     out["ceiling"] = round(cluster_match(annotator, schedule, labels, train_batch,
                                          labels.ids[:len(train_batch)], t,
-                                         run.train.seed + 1), 4)
+                                         run.train.seed + 1, blocks), 4)
     unguided = [draw(lambda x, tt: reference(x, tt, None), seed) for seed in (100, 200)]
     out["unguided"] = {**unguided[0], "fd_other_seed": unguided[1]["fd"]}
     out["fd_seed_spread"] = round(abs(unguided[0]["fd"] - unguided[1]["fd"]), 3)

@@ -228,6 +228,11 @@ RUNS: dict[str, RunEntry] = {
         **{f"self-k{k}": (f"guided by self-labels: {k} clusters instead of 50",
                           {"annotator": "ddpm_simple-shapes", "condition": "self",
                            "num_classes": k}) for k in (10, 20)},
+        **{f"self-deep{tail}": (f"guided by self-labels: {k} clusters of the deepest decoder "
+                                "block's features alone",
+                                {"annotator": "ddpm_simple-shapes", "condition": "self",
+                                 "num_classes": k, "feature_blocks": (0,)})
+           for k, tail in ((50, ""), (20, "-k20"))},
         "class-longtail": ("guided by the true class, two classes kept at 5%",
                            {"condition": "class", "class_share": _LONG_TAIL}),
         "self-longtail": ("guided by self-labels, two classes kept at 5%",
@@ -343,7 +348,8 @@ def _guided_setup(run: Run, model, data, profile, progress: bool, root, download
     if cfg.condition == "self":
         features = pooled_features(annotator, schedule, data,
                                    cfg.annotation_t(schedule.num_timesteps),
-                                   noise_seed=run.train.seed, progress=progress)
+                                   noise_seed=run.train.seed, progress=progress,
+                                   blocks=cfg.feature_blocks)
         labels = self_annotate(features, cfg.num_classes, seed=run.train.seed)
         tensors.update(cluster_centroids=labels.centroids, cluster_ids=labels.ids)
         return Conditioned(data, labels.ids), tensors, meta

@@ -95,6 +95,22 @@ def test_pooled_features_are_the_decoder_blocks_means(tiny_unet):
     assert not torch.allclose(later, feats)
 
 
+def test_pooled_features_of_chosen_blocks_are_those_blocks_columns(tiny_unet):
+    schedule = NoiseSchedule("cosine", 100)
+    images = torch.rand(4, 3, 8, 8, generator=make_generator(1)) * 2 - 1
+    widths = list(tiny_unet.decoder.block_channels)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    every = pooled_features(tiny_unet, schedule, images, t=20, progress=False)
+    for blocks in ((0,), (len(widths) - 1, 0)):
+        picked = pooled_features(tiny_unet, schedule, images, t=20, progress=False,
+                                 blocks=blocks)
+        expected = torch.cat([every[:, starts[b]:starts[b] + widths[b]] for b in blocks], 1)
+        torch.testing.assert_close(picked, expected)
+    with pytest.raises(ValueError, match=f"this decoder has {len(widths)} blocks"):
+        pooled_features(tiny_unet, schedule, images, t=20, progress=False,
+                        blocks=(len(widths),))
+
+
 def test_layouts_of_a_factorized_model_are_figure_and_ground():
     from fdiff.factorized import FactorizedConfig, FactorizedDenoiser
     from fdiff.unet import UNetConfig

@@ -155,6 +155,10 @@ def test_bad_conditions_get_clear_errors():
         GuidedConfig(UNET, condition="labels")
     with pytest.raises(ValueError, match="cond_drop"):
         GuidedConfig(UNET, cond_drop=1.5)
+    with pytest.raises(ValueError, match=r"feature_blocks\[1\] must be an int >= 0"):
+        GuidedConfig(UNET, feature_blocks=(0, -1))
+    with pytest.raises(ValueError, match="names a block twice"):
+        GuidedConfig(UNET, feature_blocks=(1, 1))
 
 
 def test_a_guided_model_saves_and_loads(tmp_path):
@@ -170,7 +174,8 @@ def test_a_guided_model_saves_and_loads(tmp_path):
         torch.testing.assert_close(loaded(x, t, cond), model(x, t, cond))
 
 
-@pytest.mark.parametrize("name", ["guided_self", "guided_layout", "guided_class-longtail"])
+@pytest.mark.parametrize("name", ["guided_self", "guided_self-deep", "guided_layout",
+                                  "guided_class-longtail"])
 def test_guided_runs_train_from_their_base_and_keep_their_annotation(tmp_path, monkeypatch, name):
     from fdiff.annotate import image_classes
     from fdiff.runs import load_run, resolve_run
@@ -182,9 +187,12 @@ def test_guided_runs_train_from_their_base_and_keep_their_annotation(tmp_path, m
     assert meta["ddpm_simple-shapes_run"] == resolve_run("ddpm_simple-shapes", "ci").digest()
     n = run.data.num_images
     tensors = meta["tensors"]
-    if name == "guided_self":
+    if name.startswith("guided_self"):
+        base = load_run("ddpm_simple-shapes", "ci", progress=False)[0]
+        widths = base.decoder.block_channels  # the deep run clusters the deepest block alone
         assert tensors["cluster_ids"].shape == (n,)
-        assert tensors["cluster_centroids"].shape[0] == 50
+        assert tensors["cluster_centroids"].shape == (
+            50, widths[0] if name.endswith("deep") else sum(widths))
         assert tensors["cluster_ids"].max() < 50
     if name == "guided_layout":
         assert meta["factorized_simple-shapes-replicate_run"]

@@ -6,6 +6,7 @@ import torch
 from fdiff import get_profile
 from fdiff.annotate import pooled_features, self_annotate
 from fdiff.guided_study import (
+    DEEP_RUNS,
     SCALES,
     cluster_match,
     diversity,
@@ -77,6 +78,14 @@ def test_the_study_measures_every_setting(tmp_path, monkeypatch):
     assert out["clusters"]["50"]["class_match"] == out["self"]["2.0"]["class_match"]
     lt = out["longtail"]
     assert len(lt["class_counts"]) == 5 and sum(lt["self_clusters_per_class"]) <= 50
+    deep = out["features"]
+    assert set(deep) == set(DEEP_RUNS)
+    assert set(deep["guided_self-deep"]) >= {str(w) for w in SCALES}
+    assert deep["guided_self-deep-k20"]["k"] == 20
+    for r in deep.values():
+        assert r["blocks"] == [0] and 0 <= r["nmi"] <= 1 and 0 < r["purity"] <= 1
+        assert 0 <= r["2.0"]["class_match"] <= r["2.0"]["recognised"] <= 1
+        assert r["2.0"]["fd"] >= 0
 
 
 def test_cluster_match_puts_the_annotated_images_back_in_their_own_clusters():
@@ -95,6 +104,10 @@ def test_cluster_match_puts_the_annotated_images_back_in_their_own_clusters():
     assert cluster_match(model, schedule, labels, images, half, 20, 3) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one cluster per image"):
         cluster_match(model, schedule, labels, images, labels.ids[:5], 20, 3)
+    # an annotation of the deepest block alone is matched on that block's features
+    deep = self_annotate(pooled_features(model, schedule, images, 20, noise_seed=3,
+                                         progress=False, blocks=(0,)), 4)
+    assert cluster_match(model, schedule, deep, images, deep.ids, 20, 3, blocks=(0,)) == 1.0
 
 
 def test_the_world_study_measures_self_guidance_on_the_textured_world(tmp_path, monkeypatch):
