@@ -167,26 +167,26 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
         if progress:
             print(f"{text}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    models, _, sha = _load_runs(dict.fromkeys(name for part in parts for name in PART_RUNS[part]),
-                                profile, train)
+    models, metas, sha = _load_runs(
+        dict.fromkeys(name for part in parts for name in PART_RUNS[part]), profile, train)
 
     result: dict = {"profile": profile.name, "n": n, "ddim_steps": profile.ddim_steps,
                     "eta": ETA, "scales": list(SCALES), "sha256": sha}
     if "main" in parts:
-        _main_part(result, models, profile, n, sample, scores, guided, log, classes, held_out,
-                   train_images, schedule, train)
+        _main_part(result, models, metas, n, sample, scores, guided, log, classes, held_out,
+                   train_images, schedule)
     if "longtail" in parts:
-        _longtail_part(result, profile, n, sample, guided, log, classes, train)
+        _longtail_part(result, models, metas, n, sample, log, classes)
     if "clusters" in parts:
-        _clusters_part(result, profile, n, sample, log, classes, train)
+        _clusters_part(result, models, metas, n, sample, log, classes)
     if "features" in parts:
-        _features_part(result, profile, n, sample, scores, guided, log, classes, train)
+        _features_part(result, models, metas, n, sample, scores, guided, log, classes)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
-def _main_part(result, models, profile, n, sample, scores, guided, log, classes, held_out,
-               train_images, schedule, train) -> None:
+def _main_part(result, models, metas, n, sample, scores, guided, log, classes, held_out,
+               train_images, schedule) -> None:
 
     # floors: the unguided reference from two seeds, and training images vs held-out ones
     unguided = [sample(models["guided_none"], seed) for seed in (100, 200)]
@@ -223,7 +223,7 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
     # image level: true classes, evenly; self-labels, drawn as often as in the training data
     label_cond = torch.arange(n) % 5
     result["class"] = guided_sweep("class", models["guided_class"], label_cond, label_cond)
-    self_model, self_meta = load_run("guided_self", profile, train=train, progress=False)
+    self_model, self_meta = models["guided_self"], metas["guided_self"]
     ids = self_meta["tensors"]["cluster_ids"]
     k = self_model.config.num_classes
     self_cond, wanted, purity = _self_conditions(ids, classes, k, n)
@@ -248,12 +248,11 @@ def _main_part(result, models, profile, n, sample, scores, guided, log, classes,
                                     layouts[:, 0] > 0)
 
 
-def _longtail_part(result, profile, n, sample, guided, log, classes, train) -> None:
+def _longtail_part(result, models, metas, n, sample, log, classes) -> None:
     # imbalance: each long-tail model asked for the rare classes (self-labels: the clusters
     # whose training images are mostly of a rare class) and for the frequent ones
     longtail = {}
-    lt_class_model, lt_meta = load_run("guided_class-longtail", profile, train=train,
-                                       progress=False)
+    lt_class_model, lt_meta = models["guided_class-longtail"], metas["guided_class-longtail"]
     kept = lt_meta["tensors"]["train_indices"]
     counts = torch.bincount(classes[kept], minlength=5)
     longtail["class_counts"] = counts.tolist()
@@ -263,8 +262,7 @@ def _longtail_part(result, profile, n, sample, guided, log, classes, train) -> N
         rep = recognise_shapes(x)
         longtail[f"class_{which}_match"] = round((rep.ok & (rep.label == cond + 1)).float()
                                                  .mean().item(), 4)
-    lt_self_model, lt_self_meta = load_run("guided_self-longtail", profile, train=train,
-                                           progress=False)
+    lt_self_model, lt_self_meta = models["guided_self-longtail"], metas["guided_self-longtail"]
     lt_ids = lt_self_meta["tensors"]["cluster_ids"]
     lt_classes = classes[lt_self_meta["tensors"]["train_indices"]]
     lt_major = majority_class(lt_ids, lt_classes, lt_self_model.config.num_classes)
@@ -316,12 +314,12 @@ def _self_guided_match(model, ids: torch.Tensor, classes: torch.Tensor, n: int, 
     return out
 
 
-def _clusters_part(result, profile, n, sample, log, classes, train) -> None:
+def _clusters_part(result, models, metas, n, sample, log, classes) -> None:
     # how many clusters: the same self-guided recipe with k = 10, 20, 50, at w = 2
     out = {}
     for k in CLUSTER_COUNTS:
         name = "guided_self" if k == 50 else f"guided_self-k{k}"
-        model, meta = load_run(name, profile, train=train, progress=False)
+        model, meta = models[name], metas[name]
         if model.config.num_classes != k:
             raise ValueError(f"{name} has {model.config.num_classes} clusters, expected {k}")
         ids = meta["tensors"]["cluster_ids"]
@@ -338,12 +336,11 @@ def _clusters_part(result, profile, n, sample, log, classes, train) -> None:
     result["clusters"] = out
 
 
-def _features_part(result, profile, n, sample, scores, guided, log, classes, train) -> None:
+def _features_part(result, models, metas, n, sample, scores, guided, log, classes) -> None:
     # which features: self-labels from the deepest decoder block alone
     out = {}
     for name, scales in zip(DEEP_RUNS, (SCALES, (0.0, 2.0))):
-        model, meta = load_run(name, profile, train=train, progress=False)
-        ids = meta["tensors"]["cluster_ids"]
+        model, ids = models[name], metas[name]["tensors"]["cluster_ids"]
         cluster = cluster_scores(ids, classes)
         cond, wanted, purity = _self_conditions(ids, classes, model.config.num_classes, n)
         pure = purity >= PURE
