@@ -9,8 +9,12 @@ extractor is the book's own diffusion model: the decoder activations of chapter 
     features -> L2 normalisation -> k-means (k clusters) -> cluster id per image
 
 (:func:`self_annotate`); :func:`cluster_scores` compares the ids with true labels (NMI, ARI,
-purity), which the method itself never sees. Mask-level self-guidance needs layouts: the masks
-of an unsupervised segmenter of the book (:func:`segment_layouts`). :func:`guided_training_data`
+purity), which the method itself never sees. Which features to cluster can be chosen without
+them: self-labels should survive what does not change the image's content, a recolouring, a
+mirror image, a quarter turn (:func:`augment_views`, :meth:`SelfLabels.agreement`); a generic
+score of cluster quality, :func:`silhouette`, is there to compare. Mask-level
+self-guidance needs layouts: the masks of an unsupervised segmenter of the book
+(:func:`segment_layouts`). :func:`guided_training_data`
 puts images and conditions together for :func:`fdiff.train.train`.
 """
 
@@ -32,9 +36,9 @@ from .datasets import TRAINING_SPLITS, load_dataset
 from .profiles import model_device
 from .seeding import make_generator, randn
 
-__all__ = ["pooled_features", "SelfLabels", "self_annotate", "cluster_scores", "majority_class",
-           "cluster_purity", "image_classes", "training_labels", "class_subset", "segment_layouts",
-           "Selected", "Conditioned"]
+__all__ = ["pooled_features", "augment_views", "SelfLabels", "self_annotate", "cluster_scores",
+           "silhouette", "majority_class", "cluster_purity", "image_classes", "training_labels",
+           "class_subset", "segment_layouts", "Selected", "Conditioned"]
 
 
 def _images_at(images, idx: list[int]) -> Tensor:
@@ -86,6 +90,27 @@ def _pick(feats: list[Tensor], blocks: Sequence[int]) -> list[Tensor]:
     return [feats[b] for b in blocks]
 
 
+def augment_views(images: Tensor, generator: torch.Generator) -> Tensor:
+    """One view of each image (N, C, H, W) with the same content: its colour channels in a
+    random order, mirrored left to right with probability 1/2, then turned by a random multiple
+    of 90 degrees, all drawn from ``generator``. On the built-in worlds, whose shapes come in any
+    colour and at any angle, every view is an image the world could have drawn, of the same
+    class."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"augment_views needs square images (N, C, H, W), got "
+                         f"{tuple(getattr(images, 'shape', ()))}")
+    n, c = images.shape[:2]
+    order = torch.stack([torch.randperm(c, generator=generator) for _ in range(n)])
+    out = images.gather(1, order[:, :, None, None].expand_as(images).to(images.device))
+    mirror = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(mirror[:, None, None, None].to(images.device), out.flip(-1), out)
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    for q in range(1, 4):
+        chosen = (turns == q).to(images.device)
+        out[chosen] = torch.rot90(out[chosen], q, (2, 3))
+    return out
+
+
 def _normalise(features: Tensor) -> np.ndarray:
     if features.ndim != 2 or not torch.isfinite(features).all():
         raise ValueError(f"features must be a finite (N, D) tensor, got shape "
@@ -109,6 +134,15 @@ class SelfLabels:
         x = torch.from_numpy(_normalise(features)).float()
         return torch.cdist(x, self.centroids.float()).argmin(1)
 
+    def agreement(self, features: Tensor) -> float:
+        """The share of images that other features of theirs (N, D), in the order of ``ids``,
+        assign to their own cluster: the features of other views of the images
+        (:func:`augment_views`) or of another noise. 1 when nothing moves."""
+        if len(features) != len(self.ids):
+            raise ValueError(f"agreement needs features of the {len(self.ids)} clustered images, "
+                             f"got {len(features)}")
+        return float((self.assign(features) == self.ids).double().mean())
+
 
 def self_annotate(features: Tensor, k: int, seed: int = 0, n_init: int = 3) -> SelfLabels:
     """Cluster the images' ``features`` (N, D) into ``k`` groups: L2 normalisation, then k-means
@@ -122,6 +156,23 @@ def self_annotate(features: Tensor, k: int, seed: int = 0, n_init: int = 3) -> S
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
     return SelfLabels(torch.from_numpy(km.cluster_centers_).float(),
                       torch.from_numpy(km.labels_).long())
+
+
+def silhouette(features: Tensor, ids: Tensor, sample_size: int = 2000, seed: int = 0) -> float:
+    """The silhouette of clusters ``ids`` (N,) of ``features`` (N, D), L2-normalised as
+    :func:`self_annotate` clusters them: for each image, how much nearer it is to its own
+    cluster than to the next one, from -1 to 1, averaged over ``sample_size`` images drawn from
+    ``seed`` (all of them if fewer). A label-free score of how tight and separate clusters are."""
+    from sklearn.metrics import silhouette_score
+
+    ids = torch.as_tensor(ids).long()
+    if ids.shape != (len(features),):
+        raise ValueError(f"one cluster id per feature vector: got ids of shape "
+                         f"{tuple(ids.shape)} for {len(features)} vectors")
+    if len(torch.unique(ids)) < 2:
+        raise ValueError("a silhouette needs at least two clusters")
+    return float(silhouette_score(_normalise(features), ids.numpy(),
+                                  sample_size=min(sample_size, len(ids)), random_state=seed))
 
 
 def cluster_scores(ids: Tensor, labels: Tensor) -> dict[str, float]:

@@ -9,6 +9,7 @@ from standins import make_flowers, make_pets, skip_md5  # noqa: F401  (skip_md5:
 from fdiff.annotate import (
     Conditioned,
     Selected,
+    augment_views,
     class_subset,
     cluster_purity,
     cluster_scores,
@@ -17,6 +18,7 @@ from fdiff.annotate import (
     pooled_features,
     segment_layouts,
     self_annotate,
+    silhouette,
     training_labels,
 )
 from fdiff.runs import DataSpec
@@ -81,6 +83,66 @@ def test_image_classes_of_simple_shapes_are_their_objects_class():
     sem = data.batch(list(range(12)))["semantic"]
     assert torch.equal(classes, sem.flatten(1).max(1).values - 1)
     assert set(classes.tolist()) <= set(range(5))
+
+
+def _transforms(image):
+    """The 48 views augment_views can make of one image (C, H, W)."""
+    import itertools
+
+    out = []
+    for order in itertools.permutations(range(image.shape[0])):
+        for mirrored in (image[list(order)], image[list(order)].flip(-1)):
+            out += [torch.rot90(mirrored, q, (1, 2)) for q in range(4)]
+    return out
+
+
+def test_augment_views_are_recoloured_mirrored_and_turned_images():
+    images = torch.rand(64, 3, 6, 6, generator=make_generator(0)) * 2 - 1
+    before = images.clone()
+    views = augment_views(images, make_generator(1))
+    assert views.shape == images.shape and torch.equal(images, before)  # the input is kept
+    torch.testing.assert_close(views, augment_views(images, make_generator(1)))
+    which = []
+    for image, view in zip(images, views):
+        hits = [i for i, v in enumerate(_transforms(image)) if torch.equal(v, view)]
+        assert len(hits) == 1  # exactly one of the 48 views of its own image
+        which.append(hits[0])
+    assert len(set(which)) > 20  # the draws vary between images
+    assert any(i % 4 for i in which) and any((i // 4) % 2 for i in which)  # turns and mirrors
+    with pytest.raises(ValueError, match="square images"):
+        augment_views(torch.zeros(2, 3, 4, 6), make_generator(0))
+
+
+def test_agreement_of_invariant_features_is_one_and_of_pixels_less():
+    images = torch.rand(200, 3, 6, 6, generator=make_generator(2))
+    images[:100, 0] += 2  # two groups of images, told apart by how bright they are
+    views = augment_views(images, make_generator(3))
+
+    def sorted_values(x):  # unchanged by any reordering of an image's values
+        return x.flatten(1).sort(1).values
+
+    labels = self_annotate(sorted_values(images), 2)
+    assert labels.agreement(sorted_values(images)) == 1.0
+    assert labels.agreement(sorted_values(views)) == 1.0
+    by_pixels = self_annotate(images.flatten(1), 2)
+    assert by_pixels.agreement(images.flatten(1)) == 1.0
+    assert by_pixels.agreement(views.flatten(1)) < 0.9  # the bright channel moved
+    with pytest.raises(ValueError, match="features of the 200 clustered images"):
+        labels.agreement(sorted_values(images[:10]))
+
+
+def test_silhouette_of_separate_groups_is_high_and_of_random_ids_near_zero():
+    gen = make_generator(4)
+    truth = torch.arange(300) % 3
+    feats = torch.eye(3, 8)[truth] * 5 + 0.3 * torch.randn(300, 8, generator=gen)
+    assert silhouette(feats, truth) > 0.8
+    shuffled = truth[torch.randperm(300, generator=gen)]
+    assert abs(silhouette(feats, shuffled)) < 0.1
+    assert silhouette(feats, truth, sample_size=100) == silhouette(feats, truth, sample_size=100)
+    with pytest.raises(ValueError, match="two clusters"):
+        silhouette(feats, torch.zeros(300, dtype=torch.long))
+    with pytest.raises(ValueError, match="one cluster id per feature vector"):
+        silhouette(feats, truth[:10])
 
 
 def test_pooled_features_are_the_decoder_blocks_means(tiny_unet):
