@@ -22,6 +22,10 @@ measures:
 - which features: the recipe with the deepest decoder block's features alone
   (:data:`DEEP_RUNS`): NMI, purity, and FD, diversity and class match as above.
 
+:func:`feature_choice` needs no sampling: it scores the self-labels themselves, for each step,
+set of decoder blocks and number of clusters, by their agreement under other views of the images
+(label-free) beside NMI, purity and pure share (judged with the true classes).
+
 :func:`world_study` measures the same recipe on another dataset (the textured world in the cpu
 profile, Pets in the gpu profile), where no recogniser says what a sample shows: there, *cluster
 match* is the share of samples that the annotation itself puts back in the cluster asked for.
@@ -39,11 +43,13 @@ import torch
 
 from .annotate import (
     SelfLabels,
+    augment_views,
     cluster_purity,
     cluster_scores,
     image_classes,
     majority_class,
     segment_layouts,
+    self_annotate,
     training_labels,
 )
 from .annotate import pooled_features as diffusion_features
@@ -60,7 +66,7 @@ from .worlds import world
 
 __all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "DEEP_RUNS", "PART_RUNS",
            "GUIDED_RUNS", "PARTS", "WORLD_RUNS", "cluster_match", "diversity", "mask_iou",
-           "same_shapes_baseline", "guidance_study", "world_study"]
+           "same_shapes_baseline", "guidance_study", "world_study", "feature_choice"]
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
 # The study's sampler: DDIM on the profile's step grid with eta = 1, the variance of DDPM's
@@ -450,3 +456,45 @@ def world_study(profile: Profile, dataset: str | None = None, n: int = 256, trai
                    "2.0": draw(Guided(self_model, cond, 2.0), 100)}
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
+
+
+def feature_choice(model, schedule, images: torch.Tensor, classes: torch.Tensor,
+                   steps=(150,), block_sets=((),), ks=(50,), views: int = 1, seed: int = 1,
+                   progress: bool = False) -> list[dict]:
+    """Self-labels of ``images`` (N, C, H, W) made with ``model``'s pooled features
+    (:func:`fdiff.annotate.pooled_features`), one row per step ``t`` in ``steps`` (on the
+    model's own chain), decoder blocks in ``block_sets`` (``()``: all) and k in ``ks``:
+
+    - ``agreement``: the share of images whose view (:func:`fdiff.annotate.augment_views`, drawn
+      from ``seed``) falls in their own cluster; label-free;
+    - ``nmi``, ``purity`` and ``pure_share`` (the share of images in clusters at least
+      :data:`PURE` pure), judged with the true ``classes`` (N,).
+
+    ``views`` > 1 clusters each image's features averaged over itself and ``views - 1`` other
+    views (each L2-normalised first), features made more invariant by construction."""
+    if len(classes) != len(images):
+        raise ValueError(f"one class per image: got {len(classes)} for {len(images)} images")
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    gen = make_generator(seed)
+    probe = augment_views(images, gen)  # the view that judges the agreement
+    extra = [augment_views(images, gen) for _ in range(views - 1)]
+    rows = []
+    for t in steps:
+        for blocks in block_sets:
+            own, seen, *more = (diffusion_features(model, schedule, x, t, progress=progress,
+                                                   blocks=blocks)
+                                for x in (images, probe, *extra))
+            if more:
+                own = torch.stack([torch.nn.functional.normalize(f, dim=1)
+                                   for f in (own, *more)]).mean(0)
+            for k in ks:
+                labels = self_annotate(own, k)
+                scores = cluster_scores(labels.ids, classes)
+                pure = cluster_purity(labels.ids, classes, k)[labels.ids] >= PURE
+                rows.append({"t": t, "blocks": list(blocks), "k": k, "views": views,
+                             "agreement": round(labels.agreement(seen), 4),
+                             "nmi": round(scores["nmi"], 4),
+                             "purity": round(scores["purity"], 4),
+                             "pure_share": round(pure.float().mean().item(), 4)})
+    return rows

@@ -1,20 +1,26 @@
 """fdiff.guided_study: chapter 6's measurements, run end to end on the ci profile's tiny models."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from fdiff import get_profile
-from fdiff.annotate import pooled_features, self_annotate
+from fdiff.annotate import cluster_scores, pooled_features, self_annotate
 from fdiff.guided_study import (
     DEEP_RUNS,
     SCALES,
     cluster_match,
     diversity,
+    feature_choice,
     guidance_study,
     mask_iou,
     same_shapes_baseline,
     world_study,
 )
+from fdiff.runs import resolve_run
 from fdiff.schedules import NoiseSchedule
 from fdiff.unet import UNet, UNetConfig
 from fdiff.worlds import world
@@ -123,3 +129,54 @@ def test_the_world_study_measures_self_guidance_on_the_textured_world(tmp_path, 
     for row in rows:
         assert 0 <= row["cluster_match"] <= 1 and row["fd"] > 0 and row["diversity"] > 0
     assert out["unguided"]["fd_other_seed"] > 0
+
+
+def test_feature_choice_scores_every_setting_and_matches_a_clustering_by_hand(tiny_unet):
+    schedule = NoiseSchedule("cosine", 100)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 8, 8, generator=gen) * 2 - 1
+    classes = torch.randint(0, 3, (40,), generator=gen)
+    rows = feature_choice(tiny_unet, schedule, images, classes, steps=(10, 30),
+                          block_sets=((0,), ()), ks=(3, 5))
+    assert [(r["t"], r["blocks"], r["k"]) for r in rows] == [
+        (t, b, k) for t in (10, 30) for b in ([0], []) for k in (3, 5)]
+    for r in rows:
+        assert 0 <= r["agreement"] <= 1 and 0 <= r["nmi"] <= 1
+        assert 0 < r["purity"] <= 1 and 0 <= r["pure_share"] <= 1
+    by_hand = self_annotate(pooled_features(tiny_unet, schedule, images, 30, progress=False,
+                                            blocks=(0,)), 5)
+    assert rows[5]["nmi"] == round(cluster_scores(by_hand.ids, classes)["nmi"], 4)
+    averaged = feature_choice(tiny_unet, schedule, images, classes, steps=(10,), ks=(3,),
+                              views=3)
+    assert len(averaged) == 1 and averaged[0]["views"] == 3 and averaged[0]["blocks"] == []
+    with pytest.raises(ValueError, match="one class per image"):
+        feature_choice(tiny_unet, schedule, images, classes[:5])
+    with pytest.raises(ValueError, match="views must be at least 1"):
+        feature_choice(tiny_unet, schedule, images, classes, views=0)
+
+
+def test_the_feature_choice_script_prints_and_writes_its_rows(tmp_path, monkeypatch, capsys):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "self_label_features.py"
+    spec = importlib.util.spec_from_file_location("self_label_features", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("FDIFF_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def untrained(name, profile):  # the script's plumbing, without training its model
+        built.append(name)
+        return resolve_run(name, profile).build_model().eval(), {}
+
+    monkeypatch.setattr(module, "load_run", untrained)
+    out = tmp_path / "rows.json"
+    argv = ["--profile", "ci", "--n", "30", "--k", "3", "--steps", "150", "--blocks", "0", "all",
+            "--out", str(out)]
+    assert module.main(argv) == 0
+    assert built == ["ddpm_simple-shapes"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["blocks"], r["k"]) for r in rows] == [([0], 3), ([], 3)]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("simple-shapes, 30 images") and "agreement" in printed[1]
+    assert len(printed) == 4 and printed[3].split()[1] == "all"
+    with pytest.raises(SystemExit):
+        module.main(["--profile", "ci", "--blocks", "deepest"])
