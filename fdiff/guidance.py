@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_int
+from .schedules import step_of
 from .unet import UNet, UNetConfig
 
 __all__ = ["CONDITIONS", "GuidedConfig", "GuidedUNet", "Guided", "drop_condition",
@@ -92,7 +93,7 @@ class GuidedConfig:
 
     def annotation_t(self, num_timesteps: int) -> int:
         """``feature_t`` on a chain of ``num_timesteps`` steps (it is given out of 1000)."""
-        return min(num_timesteps - 1, round(self.feature_t * num_timesteps / 1000))
+        return step_of(self.feature_t, num_timesteps)
 
     @property
     def labelled(self) -> bool:

@@ -61,6 +61,7 @@ from .profiles import Profile, default_device
 from .recognise import recognise_shapes
 from .runs import load_run, read_manifest, resolve_run
 from .samplers import generate
+from .schedules import step_of
 from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
@@ -462,8 +463,9 @@ def feature_choice(model, schedule, images: torch.Tensor, classes: torch.Tensor,
                    steps=(150,), block_sets=((),), ks=(50,), views: int = 1, seed: int = 1,
                    progress: bool = False) -> list[dict]:
     """Self-labels of ``images`` (N, C, H, W) made with ``model``'s pooled features
-    (:func:`fdiff.annotate.pooled_features`), one row per step ``t`` in ``steps`` (on the
-    model's own chain), decoder blocks in ``block_sets`` (``()``: all) and k in ``ks``:
+    (:func:`fdiff.annotate.pooled_features`), one row per step in ``steps`` (out of 1000; the
+    row's ``t`` is the step on the schedule's own chain), decoder blocks in ``block_sets``
+    (``()``: all) and k in ``ks``:
 
     - ``agreement``: the share of images whose view (:func:`fdiff.annotate.augment_views`, drawn
       from ``seed``) falls in their own cluster; label-free;
@@ -480,7 +482,7 @@ def feature_choice(model, schedule, images: torch.Tensor, classes: torch.Tensor,
     probe = augment_views(images, gen)  # the view that judges the agreement
     extra = [augment_views(images, gen) for _ in range(views - 1)]
     rows = []
-    for t in steps:
+    for t in (step_of(s, schedule.num_timesteps) for s in steps):
         for blocks in block_sets:
             own, seen, *more = (diffusion_features(model, schedule, x, t, progress=progress,
                                                    blocks=blocks)

@@ -15,7 +15,12 @@ from torch import Tensor
 
 from .checks import check_finite, check_images, check_t
 
-__all__ = ["NoiseSchedule", "ScheduleConfig", "linear_betas", "cosine_betas"]
+__all__ = ["NoiseSchedule", "ScheduleConfig", "linear_betas", "cosine_betas", "step_of"]
+
+
+def step_of(t_of_1000: int, num_timesteps: int) -> int:
+    """A step given out of 1000 (as the book states them) on a chain of ``num_timesteps``."""
+    return min(num_timesteps - 1, round(t_of_1000 * num_timesteps / 1000))
 
 
 def linear_betas(

@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     T = schedule.num_timesteps
     data = world("simple-shapes", args.n, profile.image_size, split="train")
     images = data.batch(list(range(args.n)))["image"]
-    steps = [min(T - 1, round(s * T / 1000)) for s in args.steps]
-    rows = feature_choice(model, schedule, images, image_classes(data, progress=False), steps,
+    rows = feature_choice(model, schedule, images, image_classes(data, progress=False), args.steps,
                           block_sets, args.k, views=args.views, progress=False)
     print(f"simple-shapes, {args.n} images, {args.views} view(s) averaged; t out of {T}")
     print(f"{'t':>5s} {'blocks':>7s} {'k':>3s} {'agreement':>10s} {'NMI':>6s} {'purity':>7s} "

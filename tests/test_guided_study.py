@@ -136,8 +136,8 @@ def test_feature_choice_scores_every_setting_and_matches_a_clustering_by_hand(ti
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(40, 3, 8, 8, generator=gen) * 2 - 1
     classes = torch.randint(0, 3, (40,), generator=gen)
-    rows = feature_choice(tiny_unet, schedule, images, classes, steps=(10, 30),
-                          block_sets=((0,), ()), ks=(3, 5))
+    rows = feature_choice(tiny_unet, schedule, images, classes, steps=(100, 300),
+                          block_sets=((0,), ()), ks=(3, 5))  # steps out of 1000: t = 10, 30
     assert [(r["t"], r["blocks"], r["k"]) for r in rows] == [
         (t, b, k) for t in (10, 30) for b in ([0], []) for k in (3, 5)]
     for r in rows:
@@ -146,7 +146,7 @@ def test_feature_choice_scores_every_setting_and_matches_a_clustering_by_hand(ti
     by_hand = self_annotate(pooled_features(tiny_unet, schedule, images, 30, progress=False,
                                             blocks=(0,)), 5)
     assert rows[5]["nmi"] == round(cluster_scores(by_hand.ids, classes)["nmi"], 4)
-    averaged = feature_choice(tiny_unet, schedule, images, classes, steps=(10,), ks=(3,),
+    averaged = feature_choice(tiny_unet, schedule, images, classes, steps=(100,), ks=(3,),
                               views=3)
     assert len(averaged) == 1 and averaged[0]["views"] == 3 and averaged[0]["blocks"] == []
     with pytest.raises(ValueError, match="one class per image"):

@@ -108,3 +108,10 @@ def test_same_noise_t_finds_the_step_with_the_nearest_alpha_bar():
     assert linear.same_noise_t(linear, 30) == 30
     with pytest.raises(ValueError, match="t must be"):
         cosine.same_noise_t(linear, 1000)
+
+
+def test_a_step_out_of_1000_on_shorter_chains():
+    from fdiff.schedules import step_of
+
+    assert step_of(150, 1000) == 150 and step_of(150, 100) == 15 and step_of(155, 100) == 16
+    assert step_of(1000, 100) == 99 and step_of(0, 20) == 0
