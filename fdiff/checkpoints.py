@@ -96,13 +96,22 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; on success flush it and rename it over
     ``path``, on failure delete it.
 
     Every writer gets its own temporary name, so two writers never write into one file, and a
-    crash leaves either the old file or the new one, never half of one.
+    crash leaves either the old file or the new one, never half of one. The file gets the
+    permissions a plain ``open`` would give it (0o666 less the umask), not the temporary file's
+    owner-only ones, so a cache or a results folder shared by a class stays readable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +122,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

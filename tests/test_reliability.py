@@ -243,6 +243,20 @@ def test_concurrent_saves_of_one_file_never_crash_and_leave_a_whole_file(tmp_pat
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_files_get_the_umask_permissions_not_owner_only_ones(tmp_path, mask):
+    # files are written to a private temporary name and renamed: the result must still be as
+    # readable as a plain open() makes it, for a cache or results folder shared by a class
+    old = os.umask(mask)
+    try:
+        save_checkpoint(tmp_path / "run.safetensors", {"w": torch.zeros(2)}, {})
+        register_checkpoint("run", tmp_path / "run.safetensors", "python -m fdiff.train run")
+    finally:
+        os.umask(old)
+    for name in ("run.safetensors", "manifest.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
 _SLOW_TRAINER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
