@@ -36,9 +36,9 @@ from .datasets import TRAINING_SPLITS, load_dataset
 from .profiles import model_device
 from .seeding import make_generator, randn
 
-__all__ = ["pooled_features", "augment_views", "SelfLabels", "self_annotate", "cluster_scores",
-           "silhouette", "majority_class", "cluster_purity", "image_classes", "training_labels",
-           "class_subset", "segment_layouts", "Selected", "Conditioned"]
+__all__ = ["pooled_features", "augment_views", "SelfLabels", "self_annotate", "split_by_class",
+           "cluster_scores", "silhouette", "majority_class", "cluster_purity", "image_classes",
+           "training_labels", "class_subset", "segment_layouts", "Selected", "Conditioned"]
 
 
 def _images_at(images, idx: list[int]) -> Tensor:
@@ -156,6 +156,33 @@ def self_annotate(features: Tensor, k: int, seed: int = 0, n_init: int = 3) -> S
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
     return SelfLabels(torch.from_numpy(km.cluster_centers_).float(),
                       torch.from_numpy(km.labels_).long())
+
+
+def split_by_class(features: Tensor, classes: Tensor, k: int, seed: int = 0,
+                   n_init: int = 3) -> SelfLabels:
+    """Self-labels made pure with the true ``classes`` (N,): the images of each class clustered
+    apart (:func:`self_annotate`), ``k`` clusters shared among the C classes as evenly as they
+    go (the first ``k % C`` classes get one more), numbered class by class. Not a label-free
+    recipe: a diagnostic of what self-guidance does with clusters as fine as k-means makes them
+    but never mixing classes."""
+    check_int(k, "k", 1)
+    classes = torch.as_tensor(classes).long()
+    if classes.shape != (len(features),):
+        raise ValueError(f"one class per feature vector: got classes of shape "
+                         f"{tuple(classes.shape)} for {len(features)} vectors")
+    present = torch.unique(classes)
+    if k < len(present):
+        raise ValueError(f"split_by_class needs at least one cluster per class: k = {k} for "
+                         f"{len(present)} classes")
+    ids, centroids, start = torch.empty_like(classes), [], 0
+    for i, c in enumerate(present.tolist()):
+        members = classes == c
+        part = self_annotate(features[members], k // len(present) + (i < k % len(present)),
+                             seed=seed, n_init=n_init)
+        ids[members] = part.ids + start
+        centroids.append(part.centroids)
+        start += part.k
+    return SelfLabels(torch.cat(centroids), ids)
 
 
 def silhouette(features: Tensor, ids: Tensor, sample_size: int = 2000, seed: int = 0) -> float:

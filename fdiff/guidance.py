@@ -36,7 +36,9 @@ __all__ = ["CONDITIONS", "GuidedConfig", "GuidedUNet", "Guided", "drop_condition
 
 # What a guided model is conditioned on: a true class, a self-label (cluster id), a layout of
 # masks, or nothing (the same network and training, unconditioned: the fair unguided reference).
-CONDITIONS = ("class", "self", "layout", "none")
+# "split" is a diagnostic, not a label-free recipe: self-labels made pure with the true classes
+# (each class's images clustered apart, :func:`fdiff.annotate.split_by_class`).
+CONDITIONS = ("class", "self", "split", "layout", "none")
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,11 @@ class GuidedConfig:
 
     ``condition``: one of :data:`CONDITIONS`. ``num_classes``: classes or clusters of an image-level
     condition; ``layout_channels``: masks of a layout. ``annotator`` names the run whose model
-    annotates the training images: its features are clustered ("self", :mod:`fdiff.annotate`) or
-    it segments them ("layout"). ``feature_t``: the step at which it reads them, out of a chain
-    of 1000 (:meth:`annotation_t` scales it to a shorter chain). ``feature_blocks``: which of its
-    decoder blocks a self-annotation pools (0 the deepest; empty: all of them).
+    annotates the training images: its features are clustered ("self", :mod:`fdiff.annotate`;
+    "split": within each true class) or it segments them ("layout"). ``feature_t``: the step
+    at which it reads them, out of a chain of 1000 (:meth:`annotation_t` scales it to a shorter
+    chain). ``feature_blocks``: which of its decoder blocks a self-annotation pools (0 the
+    deepest; empty: all of them).
     ``start_from``: a committed run whose weights the U-Net starts from ("" : fresh weights); the
     new input channels and the condition's MLP start at zero, so the model starts as that run.
     ``class_share``: for built-in worlds with shape classes, the share of each class (1..C) kept
@@ -79,7 +82,7 @@ class GuidedConfig:
         if self.unet.cond_dim:
             raise ValueError("give the U-Net with cond_dim=0: GuidedConfig sets it from the "
                              f"condition (got cond_dim={self.unet.cond_dim})")
-        if self.condition in ("self", "layout") and not self.annotator:
+        if self.condition in ("self", "split", "layout") and not self.annotator:
             raise ValueError(f"condition {self.condition!r} needs an annotator: the run whose "
                              "model clusters or segments the training images")
         object.__setattr__(self, "class_share", tuple(float(s) for s in self.class_share))
@@ -98,7 +101,7 @@ class GuidedConfig:
     @property
     def labelled(self) -> bool:
         """True for an image-level condition (a class id)."""
-        return self.condition in ("class", "self")
+        return self.condition in ("class", "self", "split")
 
     def unet_config(self) -> UNetConfig:
         """The inner U-Net: the condition's one-hot width, the layout's extra input channels."""

@@ -21,6 +21,10 @@ measures:
   class match overall and on the pure clusters);
 - which features: the recipe with the deepest decoder block's features alone
   (:data:`DEEP_RUNS`): NMI, purity, and FD, diversity and class match as above.
+- what pure clusters give: the deepest block's features clustered within each true class
+  (:data:`SPLIT_RUN`, a diagnostic that uses the labels), scored as the previous part.
+- what a longer training gives: the deepest block's 20 self-labels and the true classes, each
+  trained twice as long (:data:`LONG_RUNS`), at w = 0 and 2.
 
 :func:`feature_choice` needs no sampling: it scores the self-labels themselves, for each step,
 set of decoder blocks and number of clusters, by their agreement under other views of the images
@@ -65,7 +69,8 @@ from .schedules import step_of
 from .seeding import make_generator, per_sample_generators
 from .worlds import world
 
-__all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "DEEP_RUNS", "PART_RUNS",
+__all__ = ["SCALES", "ETA", "PURE", "RARE", "CLUSTER_COUNTS", "DEEP_RUNS", "SPLIT_RUN",
+           "LONG_RUNS", "PART_RUNS",
            "GUIDED_RUNS", "PARTS", "WORLD_RUNS", "cluster_match", "diversity", "mask_iou",
            "same_shapes_baseline", "guidance_study", "world_study", "feature_choice"]
 
@@ -80,12 +85,19 @@ CLUSTER_COUNTS = (10, 20, 50)  # the self-guided runs of the "clusters" part
 # the "features" part: the self-guided recipe on the deepest decoder block's features alone,
 # with 50 and 20 clusters (the first swept over every scale, the second at w = 0 and 2)
 DEEP_RUNS = ("guided_self-deep", "guided_self-deep-k20")
+# the "split" part, a diagnostic: the deepest block's features clustered within each true class
+# (4 clusters per class, as fine as guided_self-deep-k20's but never mixing classes), so the
+# class match it reaches is what the recipe does with pure clusters of that size
+SPLIT_RUN = "guided_split-deep-k20"
+# the "long" part: the label-free 20 clusters of the deepest block and the true classes, each
+# trained twice as long as the other runs (self-labels first)
+LONG_RUNS = ("guided_self-deep-k20-long", "guided_class-long")
 # The runs the study loads, by the part of it that uses them
 PART_RUNS = {"main": ("ddpm_simple-shapes", "factorized_simple-shapes-replicate", "guided_none",
                       "guided_class", "guided_self", "guided_layout"),
              "longtail": ("guided_class-longtail", "guided_self-longtail"),
              "clusters": ("guided_self-k10", "guided_self-k20", "guided_self"),
-             "features": DEEP_RUNS}
+             "features": DEEP_RUNS, "split": (SPLIT_RUN,), "long": LONG_RUNS}
 PARTS = tuple(PART_RUNS)
 GUIDED_RUNS = tuple(dict.fromkeys(name for runs in PART_RUNS.values() for name in runs))
 # world_study's runs on a dataset: "{}" stands for its name
@@ -142,8 +154,8 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
                    progress: bool = True, parts: tuple[str, ...] = PARTS) -> dict:
     """Measure chapter 6's guided runs of ``profile`` (module docstring) on ``n`` samples per
     setting; ``train``: train runs that are not committed, published or cached (else they must
-    be). ``parts``: some of "main" (the floors, image- and mask-level guidance), "longtail" and
-    "clusters" (the module's description).
+    be). ``parts``: some of :data:`PARTS`: "main" (the floors, image- and mask-level guidance),
+    "longtail", "clusters", "features", "split" and "long" (the module's description).
     Returns the measurements as JSON values, with the sha256 of each committed checkpoint used
     (None for one trained here)."""
     if not parts or any(p not in PARTS for p in parts):
@@ -188,6 +200,10 @@ def guidance_study(profile: Profile, n: int = 256, train: bool = False,
         _clusters_part(result, models, metas, n, sample, log, classes)
     if "features" in parts:
         _features_part(result, models, metas, n, sample, scores, guided, log, classes)
+    if "split" in parts:
+        _split_part(result, models, metas, n, sample, scores, guided, log, classes)
+    if "long" in parts:
+        _long_part(result, models, metas, n, sample, scores, guided, log, classes)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -345,8 +361,36 @@ def _clusters_part(result, models, metas, n, sample, log, classes) -> None:
 
 def _features_part(result, models, metas, n, sample, scores, guided, log, classes) -> None:
     # which features: self-labels from the deepest decoder block alone
+    result["features"] = _cluster_runs(zip(DEEP_RUNS, (SCALES, (0.0, 2.0))), models, metas, n,
+                                       sample, scores, guided, log, classes)
+
+
+def _split_part(result, models, metas, n, sample, scores, guided, log, classes) -> None:
+    # the diagnostic: the deepest block's clusters made pure with the labels (SPLIT_RUN)
+    result["split"] = _cluster_runs([(SPLIT_RUN, (0.0, 2.0))], models, metas, n, sample, scores,
+                                    guided, log, classes)[SPLIT_RUN]
+
+
+def _long_part(result, models, metas, n, sample, scores, guided, log, classes) -> None:
+    # twice the training steps: self-labels of the deepest block (k = 20) and true classes
+    self_name, class_name = LONG_RUNS
+    out = {"steps_factor": 2,
+           "self": _cluster_runs([(self_name, (0.0, 2.0))], models, metas, n, sample, scores,
+                                 guided, log, classes)[self_name], "class": {}}
+    label_cond = torch.arange(n) % 5
+    for w in (0.0, 2.0):
+        x = sample(guided(models[class_name], label_cond, w), 100)
+        out["class"][str(w)] = {**scores(x), **_match_scores(x, label_cond)}
+        log(f"{class_name} w = {w}: " + json.dumps(out["class"][str(w)]))
+    result["long"] = out
+
+
+def _cluster_runs(runs, models, metas, n, sample, scores, guided, log, classes) -> dict:
+    """For each (name, scales) of ``runs``, a run guided by cluster ids: its clusters' NMI,
+    purity and pure share, and at each scale FD, diversity and class match (as
+    :func:`_match_scores`), its conditions drawn as often as its training data holds them."""
     out = {}
-    for name, scales in zip(DEEP_RUNS, (SCALES, (0.0, 2.0))):
+    for name, scales in runs:
         model, ids = models[name], metas[name]["tensors"]["cluster_ids"]
         cluster = cluster_scores(ids, classes)
         cond, wanted, purity = _self_conditions(ids, classes, model.config.num_classes, n)
@@ -359,7 +403,7 @@ def _features_part(result, models, metas, n, sample, scores, guided, log, classe
             row[str(w)] = {**scores(x), **_match_scores(x, wanted, pure)}
             log(f"{name} w = {w}: " + json.dumps(row[str(w)]))
         out[name] = row
-    result["features"] = out
+    return out
 
 
 def same_shapes_baseline(ids: torch.Tensor, classes: torch.Tensor, k: int,

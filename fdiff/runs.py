@@ -159,13 +159,15 @@ _LONG_TAIL = (1.0, 1.0, 1.0, 0.05, 0.05)
 _GUIDED_STEPS = {"ci": 4, "cpu": 2000, "gpu": 2000, "paper": 10_000}
 
 
-def _guided(about: str, dataset: str = "simple-shapes", **changes: Any) -> RunEntry:
-    """A run of chapter 6: ``ddpm_<dataset>`` continued for a few thousand steps with a
-    condition (``changes``: fields of :class:`~fdiff.guidance.GuidedConfig`)."""
+def _guided(about: str, dataset: str = "simple-shapes", budget: int = 1,
+            **changes: Any) -> RunEntry:
+    """A run of chapter 6: ``ddpm_<dataset>`` continued for a few thousand steps (``budget``
+    times :data:`_GUIDED_STEPS`) with a condition (``changes``: fields of
+    :class:`~fdiff.guidance.GuidedConfig`)."""
     return RunEntry(f"chapter 6: {about}", "guided", dataset,
                     changes={"model.start_from": f"ddpm_{dataset}",
                              **{f"model.{k}": v for k, v in changes.items()}},
-                    per_profile={p: {"train.steps": s, **(_BF16 if p == "cpu" else {})}
+                    per_profile={p: {"train.steps": budget * s, **(_BF16 if p == "cpu" else {})}
                                  for p, s in _GUIDED_STEPS.items()})
 # The emergence study's budget: short, since it trains one run per world.
 _STUDY_BUDGET = {"ci": {"train.steps": 4}, "cpu": {**_BF16, "train.steps": 800},
@@ -233,6 +235,17 @@ RUNS: dict[str, RunEntry] = {
                                 {"annotator": "ddpm_simple-shapes", "condition": "self",
                                  "num_classes": k, "feature_blocks": (0,)})
            for k, tail in ((50, ""), (20, "-k20"))},
+        "split-deep-k20": ("a diagnostic, not label-free: the deepest block's features "
+                           "clustered within each true class, 4 clusters per class",
+                           {"annotator": "ddpm_simple-shapes", "condition": "split",
+                            "num_classes": 20, "feature_blocks": (0,)}),
+        # twice the steps: does a longer training change how well conditions are followed?
+        "self-deep-k20-long": ("guided by 20 self-labels of the deepest decoder block, trained "
+                               "twice as long",
+                               {"annotator": "ddpm_simple-shapes", "condition": "self",
+                                "num_classes": 20, "feature_blocks": (0,), "budget": 2}),
+        "class-long": ("guided by the true shape class, trained twice as long",
+                       {"condition": "class", "budget": 2}),
         "class-longtail": ("guided by the true class, two classes kept at 5%",
                            {"condition": "class", "class_share": _LONG_TAIL}),
         "self-longtail": ("guided by self-labels, two classes kept at 5%",
@@ -317,6 +330,7 @@ def _guided_setup(run: Run, model, data, profile, progress: bool, root, download
         pooled_features,
         segment_layouts,
         self_annotate,
+        split_by_class,
     )
     from .guidance import start_from
 
@@ -330,7 +344,7 @@ def _guided_setup(run: Run, model, data, profile, progress: bool, root, download
     if cfg.start_from:
         start_from(model, other(cfg.start_from).cpu())
     classes = image_classes(data, progress=progress) if cfg.class_share or \
-        cfg.condition == "class" else None
+        cfg.condition in ("class", "split") else None
     if cfg.class_share:
         indices = class_subset(classes, cfg.class_share, seed=run.train.seed)
         tensors["train_indices"] = indices
@@ -345,12 +359,14 @@ def _guided_setup(run: Run, model, data, profile, progress: bool, root, download
         return Conditioned(data, classes), tensors, meta
     annotator = other(cfg.annotator)
     schedule = resolve_run(cfg.annotator, profile).schedule.build()
-    if cfg.condition == "self":
+    if cfg.condition in ("self", "split"):
         features = pooled_features(annotator, schedule, data,
                                    cfg.annotation_t(schedule.num_timesteps),
                                    noise_seed=run.train.seed, progress=progress,
                                    blocks=cfg.feature_blocks)
-        labels = self_annotate(features, cfg.num_classes, seed=run.train.seed)
+        labels = self_annotate(features, cfg.num_classes, seed=run.train.seed) \
+            if cfg.condition == "self" else \
+            split_by_class(features, classes, cfg.num_classes, seed=run.train.seed)
         tensors.update(cluster_centroids=labels.centroids, cluster_ids=labels.ids)
         return Conditioned(data, labels.ids), tensors, meta
     if cfg.layout_channels != 2:

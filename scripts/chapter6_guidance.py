@@ -1,7 +1,9 @@
 """Chapter 6's measurements of guided sampling (:func:`fdiff.guided_study.guidance_study`):
 Fréchet distance, diversity, class match and layout IoU of the guided runs at w in {0, 1, 2, 4},
 the long-tail runs, the self-guided runs with 10, 20 and 50 clusters, those clustering the
-deepest decoder block alone (part "features"), and self-guidance on the textured world (part
+deepest decoder block alone (part "features"), the diagnostic run whose clusters of those
+features never mix classes (part "split"), the 20 self-labels of that block and the true classes
+trained twice as long (part "long"), and self-guidance on the textured world (part
 "world", :func:`fdiff.guided_study.world_study`). They took about an hour on two CPU cores
 (n = 256), longer than a notebook cell should, so the chapter loads the result,
 ``data/results/chapter6_guidance.json``, which records the sha256 of every checkpoint it used;

@@ -19,6 +19,7 @@ from fdiff.annotate import (
     segment_layouts,
     self_annotate,
     silhouette,
+    split_by_class,
     training_labels,
 )
 from fdiff.runs import DataSpec
@@ -40,6 +41,27 @@ def test_kmeans_self_labels_find_well_separated_groups():
     assert scores["purity"] == 1.0
     assert torch.equal(found.assign(feats), found.ids)
     assert found.k == 4 and found.centroids.shape == (4, 16)
+
+
+def test_split_by_class_clusters_each_class_apart_and_never_mixes_them():
+    gen = make_generator(0)
+    # two classes whose features overlap completely: self-labels would mix them, the split
+    # cannot, and it shares k = 5 as 3 + 2 clusters numbered class by class
+    classes = torch.arange(300) % 2
+    feats = torch.randn(300, 8, generator=gen)
+    split = split_by_class(feats, classes, 5, seed=0)
+    assert split.k == 5 and split.centroids.shape == (5, 8) and split.ids.shape == (300,)
+    assert cluster_purity(split.ids, classes, 5).min() == 1.0
+    assert set(split.ids[classes == 0].tolist()) == {0, 1, 2}
+    assert set(split.ids[classes == 1].tolist()) == {3, 4}
+    assert cluster_scores(self_annotate(feats, 5).ids, classes)["purity"] < 0.8
+    # within a class it is the class's own k-means
+    alone = self_annotate(feats[classes == 1], 2, seed=0)
+    assert torch.equal(split.ids[classes == 1] - 3, alone.ids)
+    with pytest.raises(ValueError, match="one cluster per class"):
+        split_by_class(feats, classes, 1)
+    with pytest.raises(ValueError, match="one class per feature"):
+        split_by_class(feats, classes[:10], 4)
 
 
 def test_cluster_scores_by_hand():

@@ -174,8 +174,8 @@ def test_a_guided_model_saves_and_loads(tmp_path):
         torch.testing.assert_close(loaded(x, t, cond), model(x, t, cond))
 
 
-@pytest.mark.parametrize("name", ["guided_self", "guided_self-deep", "guided_layout",
-                                  "guided_class-longtail"])
+@pytest.mark.parametrize("name", ["guided_self", "guided_self-deep", "guided_split-deep-k20",
+                                  "guided_layout", "guided_class-longtail"])
 def test_guided_runs_train_from_their_base_and_keep_their_annotation(tmp_path, monkeypatch, name):
     from fdiff.annotate import image_classes
     from fdiff.runs import load_run, resolve_run
@@ -187,13 +187,19 @@ def test_guided_runs_train_from_their_base_and_keep_their_annotation(tmp_path, m
     assert meta["ddpm_simple-shapes_run"] == resolve_run("ddpm_simple-shapes", "ci").digest()
     n = run.data.num_images
     tensors = meta["tensors"]
-    if name.startswith("guided_self"):
+    if name.startswith(("guided_self", "guided_split")):
         base = load_run("ddpm_simple-shapes", "ci", progress=False)[0]
-        widths = base.decoder.block_channels  # the deep run clusters the deepest block alone
+        widths = base.decoder.block_channels  # the deep runs cluster the deepest block alone
+        k = run.model.num_classes
         assert tensors["cluster_ids"].shape == (n,)
         assert tensors["cluster_centroids"].shape == (
-            50, widths[0] if name.endswith("deep") else sum(widths))
-        assert tensors["cluster_ids"].max() < 50
+            k, widths[0] if "deep" in name else sum(widths))
+        assert tensors["cluster_ids"].max() < k
+    if name == "guided_split-deep-k20":  # every cluster holds one class: 4 per class
+        classes = image_classes(run.data.training_images(progress=False), progress=False)
+        ids = tensors["cluster_ids"]
+        assert all(len(classes[ids == c].unique()) == 1 for c in ids.unique())
+        assert (ids // 4 == classes).all()
     if name == "guided_layout":
         assert meta["factorized_simple-shapes-replicate_run"]
     if name == "guided_class-longtail":

@@ -12,6 +12,7 @@ from fdiff.annotate import cluster_scores, pooled_features, self_annotate
 from fdiff.guided_study import (
     DEEP_RUNS,
     SCALES,
+    SPLIT_RUN,
     cluster_match,
     diversity,
     feature_choice,
@@ -92,6 +93,19 @@ def test_the_study_measures_every_setting(tmp_path, monkeypatch):
         assert r["blocks"] == [0] and 0 <= r["nmi"] <= 1 and 0 < r["purity"] <= 1
         assert 0 <= r["2.0"]["class_match"] <= r["2.0"]["recognised"] <= 1
         assert r["2.0"]["fd"] >= 0
+    # the diagnostic's clusters never mix classes: purity 1, every sample asked for a pure one
+    split = out["split"]
+    assert split["k"] == 20 and split["blocks"] == [0]
+    assert split["purity"] == 1.0 and split["pure_share"] == 1.0
+    assert set(split) >= {"0.0", "2.0"}
+    assert split["2.0"]["pure_match"] == split["2.0"]["class_match"]
+    assert out["sha256"][SPLIT_RUN] is None
+    # twice the steps: the same measurements, self-labels and true classes at w = 0 and 2
+    long = out["long"]
+    assert long["steps_factor"] == 2 and long["self"]["k"] == 20
+    for key in ("self", "class"):
+        assert set(long[key]) >= {"0.0", "2.0"}
+        assert 0 <= long[key]["2.0"]["class_match"] <= long[key]["2.0"]["recognised"] <= 1
 
 
 def test_cluster_match_puts_the_annotated_images_back_in_their_own_clusters():
