@@ -164,6 +164,12 @@ def execute_uncached(build: Path, timeout: int, paths: list[Path],
     return times
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it, else as it is."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def update_times(build: Path, times: dict, record: Path | None, profile: str,
                  load_before: tuple[float, ...]) -> None:
     path = build / "cell_times.json"
@@ -182,7 +188,7 @@ def update_times(build: Path, times: dict, record: Path | None, profile: str,
                     "load_average_before": [round(v, 2) for v in load_before],
                     "load_average_after": [round(v, 2) for v in os.getloadavg()],
                     "command": f"python scripts/build_book.py --profile {profile} "
-                               f"--record-times {record.relative_to(ROOT)}"})
+                               f"--record-times {_shown(record)}"})
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(out, indent=1) + "\n")
         print(f"times recorded in {record}")

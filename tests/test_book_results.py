@@ -71,3 +71,15 @@ def test_values_myst_nb_moved_into_glue_json_are_read(tmp_path):
                 "data": {"text/plain": "<Figure>", "image/png": "iVBOR"}},
     }))
     assert book_results.collect(tmp_path / "build") == {"02_x": {"fd_ratio": 1.01, "steps": 3000}}
+
+
+def test_recorded_build_times_name_a_file_inside_or_outside_the_repository(tmp_path):
+    # the build records its command; a --record-times file outside the repository used to
+    # crash it after every chapter had run
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_book.py"
+    spec = importlib.util.spec_from_file_location("build_book", path)
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    inside = build_book.ROOT / "data" / "results" / "chapter_times.json"
+    assert build_book._shown(inside) == Path("data/results/chapter_times.json")
+    assert build_book._shown(tmp_path / "times.json") == (tmp_path / "times.json").resolve()
