@@ -73,10 +73,12 @@ def test_values_myst_nb_moved_into_glue_json_are_read(tmp_path):
     assert book_results.collect(tmp_path / "build") == {"02_x": {"fd_ratio": 1.01, "steps": 3000}}
 
 
-def test_recorded_build_times_name_a_file_inside_or_outside_the_repository(tmp_path):
+def test_recorded_build_times_name_a_file_inside_or_outside_the_repository(tmp_path,
+                                                                          monkeypatch):
     # the build records its command; a --record-times file outside the repository used to
     # crash it after every chapter had run
     path = Path(__file__).resolve().parents[1] / "scripts" / "build_book.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # it imports its neighbour book_results
     spec = importlib.util.spec_from_file_location("build_book", path)
     build_book = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_book)
