@@ -374,7 +374,9 @@ def _split_part(result, models, metas, n, sample, scores, guided, log, classes) 
 def _long_part(result, models, metas, n, sample, scores, guided, log, classes) -> None:
     # twice the training steps: self-labels of the deepest block (k = 20) and true classes
     self_name, class_name = LONG_RUNS
-    out = {"steps_factor": 2,
+    steps = [resolve_run(name, result["profile"]).train.steps for name in (class_name,
+                                                                             "guided_class")]
+    out = {"steps_factor": steps[0] / steps[1],
            "self": _cluster_runs([(self_name, (0.0, 2.0))], models, metas, n, sample, scores,
                                  guided, log, classes)[self_name], "class": {}}
     label_cond = torch.arange(n) % 5
